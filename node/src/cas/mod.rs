@@ -1,0 +1,26 @@
+//! # Content-addressable storage on one node
+//!
+//! [`BlobStore`] owns the blobs of this node: files under `<data>/cas/<function>/<xx>/<hash>`,
+//! a sled index (size, last access, which boot verified it), an LRU order for eviction, a
+//! memory tier of small hot blobs, and unfinished uploads kept for resumption.
+//!
+//! Invariants (each enforced in `store.rs` and tested in `node/tests/`):
+//! - A blob file only ever appears at its final path by `rename` of a temp file whose bytes
+//!   hashed to the digest: readers never see a half-written blob.
+//! - A blob whose bytes no longer match its digest is never served: each blob is re-hashed on
+//!   its first read after a restart (the only window in which a torn write can exist) and dropped
+//!   if it does not match.
+//! - A blob touched within the protect window is never evicted, so a build told a blob exists
+//!   can still read it (REAPI's lifetime rule). When nothing can be evicted a write fails with
+//!   RESOURCE_EXHAUSTED rather than breaking that promise.
+//! - Memory stays bounded whatever the blob size: uploads are hashed and written chunk by chunk
+//!   on a blocking thread, reads are streamed from the file in fixed-size chunks.
+
+mod memory;
+mod read;
+mod store;
+mod upload;
+
+pub use read::{stream_blob, BlobChunks, READ_CHUNK_BYTES};
+pub use store::{check_content, BlobStore, OpenBlob};
+pub use upload::UploadState;

@@ -1,0 +1,135 @@
+//! Streaming reads: a blocking thread reads fixed-size chunks (zstd-compressing them for
+//! `compressed-blobs` reads) into a bounded channel, so a large blob never sits in memory.
+
+use std::io::{Read, Seek, SeekFrom};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::store::{BlobStore, OpenBlob};
+use crate::digest::BlobDigest;
+use crate::error::{KilnError, Result};
+
+/// Size of one ByteStream read chunk: large enough to amortize per-message costs, well under
+/// gRPC's 4 MiB default message limit of clients.
+pub const READ_CHUNK_BYTES: usize = 1 << 20;
+/// Chunks buffered between the reading thread and the network: bounds memory per read.
+const READ_AHEAD_CHUNKS: usize = 4;
+/// zstd level for compressed reads: fast, since it runs per read.
+const ZSTD_LEVEL: i32 = 1;
+
+pub type BlobChunks = mpsc::Receiver<Result<Bytes>>;
+
+/// Opens `d` and streams bytes `[offset, offset + limit)` (limit 0 = to the end) of the blob,
+/// or of its zstd encoding when `compressed`. `Ok(None)` if the blob is not stored.
+/// Offset and limit are checked against the size here: OUT_OF_RANGE past the end.
+pub async fn stream_blob(
+    store: &BlobStore,
+    d: BlobDigest,
+    offset: u64,
+    limit: u64,
+    compressed: bool,
+) -> Result<Option<BlobChunks>> {
+    let s = store.clone();
+    let opened = tokio::task::spawn_blocking(move || s.open_blob(&d))
+        .await
+        .map_err(|e| KilnError::Internal(format!("read task: {e}")))??;
+    let Some(blob) = opened else { return Ok(None) };
+    if !compressed && offset > d.size {
+        return Err(KilnError::OutOfRange(format!(
+            "read_offset {offset} is beyond the size {} of blob {d}",
+            d.size
+        )));
+    }
+    let (tx, rx) = mpsc::channel(READ_AHEAD_CHUNKS);
+    tokio::task::spawn_blocking(move || {
+        let result = if compressed {
+            let reader: Box<dyn Read + Send> = match blob {
+                OpenBlob::Memory(b) => Box::new(std::io::Cursor::new(b)),
+                OpenBlob::File(f, _) => Box::new(f),
+            };
+            match zstd::stream::read::Encoder::new(reader, ZSTD_LEVEL) {
+                Ok(enc) => pump(enc, &d, offset, limit, true, &tx),
+                Err(e) => Err(KilnError::io("starting zstd encoder", e)),
+            }
+        } else {
+            match blob {
+                OpenBlob::Memory(b) => {
+                    let end = if limit == 0 { b.len() } else { (offset.saturating_add(limit)).min(b.len() as u64) as usize };
+                    let mut pos = offset as usize;
+                    while pos < end {
+                        let next = (pos + READ_CHUNK_BYTES).min(end);
+                        if tx.blocking_send(Ok(b.slice(pos..next))).is_err() {
+                            return;
+                        }
+                        pos = next;
+                    }
+                    Ok(())
+                }
+                OpenBlob::File(mut f, _) => match f.seek(SeekFrom::Start(offset)) {
+                    Ok(_) => pump(f, &d, 0, limit, false, &tx),
+                    Err(e) => Err(KilnError::io(format!("seeking in blob {d}"), e)),
+                },
+            }
+        };
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    Ok(Some(rx))
+}
+
+/// Copies `reader` into the channel in chunks, skipping `skip` bytes first and stopping after
+/// `limit` bytes (0 = no limit).
+fn pump(
+    mut reader: impl Read,
+    d: &BlobDigest,
+    mut skip: u64,
+    limit: u64,
+    compressed: bool,
+    tx: &mpsc::Sender<Result<Bytes>>,
+) -> Result<()> {
+    let mut remaining = if limit == 0 { u64::MAX } else { limit };
+    let mut sent_any = false;
+    loop {
+        let want = (READ_CHUNK_BYTES as u64).min(remaining.saturating_add(skip)) as usize;
+        if want == 0 {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; want];
+        let mut filled = 0;
+        while filled < want {
+            let n = reader.read(&mut buf[filled..]).map_err(|e| KilnError::io(format!("reading blob {d}"), e))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        buf.truncate(filled);
+        let mut chunk = Bytes::from(buf);
+        if skip > 0 {
+            let s = skip.min(chunk.len() as u64) as usize;
+            chunk = chunk.slice(s..);
+            skip -= s as u64;
+        }
+        if filled == 0 {
+            if skip > 0 && compressed && !sent_any {
+                return Err(KilnError::OutOfRange(format!(
+                    "read_offset is beyond the end of the compressed encoding of blob {d}"
+                )));
+            }
+            return Ok(());
+        }
+        if !chunk.is_empty() {
+            let take = (chunk.len() as u64).min(remaining) as usize;
+            remaining -= take as u64;
+            sent_any = true;
+            if tx.blocking_send(Ok(chunk.slice(..take))).is_err() {
+                return Ok(()); // the client went away
+            }
+        }
+        if remaining == 0 {
+            return Ok(());
+        }
+    }
+}

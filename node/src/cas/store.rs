@@ -1,0 +1,735 @@
+//! The blob store of one node: files, sled index, LRU eviction, fsync policy.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::memory::MemoryTier;
+use super::upload::UploadState;
+use crate::config::{Config, FsyncPolicy};
+use crate::digest::{BlobDigest, DigestFunction, HASH_LEN};
+use crate::error::{KilnError, Result};
+use crate::metrics as m;
+
+type Key = [u8; 1 + HASH_LEN];
+
+/// Format version of [`IndexEntry`] records.
+const INDEX_ENTRY_V1: u8 = 1;
+/// Lock stripes serializing commit, eviction and corruption handling of the same blob.
+const STRIPES: usize = 64;
+/// Eviction frees space down to this fraction of the limit, so it does not run on every write.
+const EVICT_LOW_WATERMARK: f64 = 0.9;
+/// Longest delay between a touch and its record in the index. Touches inside it are not
+/// written again: FindMissingBlobs of 10,000 present blobs costs 10,000 index reads, not writes.
+const MAX_TOUCH_GRANULARITY: Duration = Duration::from_secs(60);
+
+/// What the index knows of a stored blob. Persisted behind [`INDEX_ENTRY_V1`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct IndexEntry {
+    /// Blob size in bytes.
+    size: u64,
+    /// Last access, milliseconds since the Unix epoch, recorded at most `touch_granularity` late.
+    atime: u64,
+    /// The boot counter of the last process that hashed the file and found it intact.
+    verified_boot: u64,
+}
+
+impl IndexEntry {
+    fn encode(&self) -> Vec<u8> {
+        kiln_raft::codec::encode(INDEX_ENTRY_V1, self)
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self> {
+        let (version, body) = kiln_raft::codec::split(bytes).map_err(|e| KilnError::Internal(e.to_string()))?;
+        match version {
+            INDEX_ENTRY_V1 => kiln_raft::codec::decode_body(body).map_err(|e| KilnError::Internal(e.to_string())),
+            v => Err(KilnError::Internal(format!("blob index entry has unknown format version {v}"))),
+        }
+    }
+}
+
+/// A readable blob: bytes already in memory, or an open, verified file.
+pub enum OpenBlob {
+    Memory(Bytes),
+    File(File, u64),
+}
+
+/// A job for the group-commit thread of the `batch` fsync policy.
+struct SyncJob {
+    file: File,
+    dir: PathBuf,
+}
+
+/// An upload parked between two Write calls, waiting to be resumed.
+struct ParkedUpload {
+    state: UploadState,
+    parked_at: Instant,
+}
+
+/// The blob store. Cheap to clone; every method that touches disk or index is blocking and must
+/// run on a blocking thread (`tokio::task::spawn_blocking`).
+#[derive(Clone)]
+pub struct BlobStore(Arc<Inner>);
+
+struct Inner {
+    dir: PathBuf,
+    tmp_dir: PathBuf,
+    db: sled::Db,
+    index: sled::Tree,
+    /// `[atime big-endian][key]` → `()`: the eviction order.
+    lru: sled::Tree,
+    boot: u64,
+    fsync: FsyncPolicy,
+    syncer: Option<std::sync::mpsc::SyncSender<SyncJob>>,
+    memory: Mutex<MemoryTier>,
+    total_bytes: AtomicU64,
+    max_size: u64,
+    protect_ms: u64,
+    touch_granularity_ms: u64,
+    stripes: Vec<Mutex<()>>,
+    partials: Mutex<HashMap<String, ParkedUpload>>,
+    max_partials: usize,
+    partial_ttl: Duration,
+    meta: sled::Tree,
+    /// True once the index is known to list every blob file: after a clean shutdown at once,
+    /// after a crash once the start-up scan re-indexed what the lost index writes missed.
+    /// Until then an index miss is double-checked on disk.
+    index_complete: std::sync::atomic::AtomicBool,
+}
+
+/// Meta key present while the index is known complete (set at clean shutdown).
+const KEY_CLEAN: &[u8] = b"cas_index_clean";
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn lru_key(atime: u64, key: &Key) -> [u8; 8 + 1 + HASH_LEN] {
+    let mut k = [0u8; 8 + 1 + HASH_LEN];
+    k[..8].copy_from_slice(&atime.to_be_bytes());
+    k[8..].copy_from_slice(key);
+    k
+}
+
+impl BlobStore {
+    /// Opens (or creates) the store under `<data_dir>/cas`, sharing `db` for its index.
+    pub fn open(cfg: &Config, db: &sled::Db) -> Result<Self> {
+        let dir = cfg.node.data_dir.join("cas");
+        let tmp_dir = dir.join("tmp");
+        // Unfinished uploads of an earlier process cannot be resumed (their hash state is
+        // gone): clear them. Clients restart such uploads from QueryWriteStatus' size 0.
+        let _ = std::fs::remove_dir_all(&tmp_dir);
+        std::fs::create_dir_all(&tmp_dir).map_err(|e| KilnError::io(format!("creating {}", tmp_dir.display()), e))?;
+        for f in DigestFunction::ALL {
+            for shard in 0..=255u8 {
+                let d = dir.join(f.name()).join(format!("{shard:02x}"));
+                std::fs::create_dir_all(&d).map_err(|e| KilnError::io(format!("creating {}", d.display()), e))?;
+            }
+        }
+        let meta = db.open_tree("meta")?;
+        let boot = meta
+            .update_and_fetch("boot", |old| {
+                let n = old.and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes).unwrap_or(0);
+                Some((n + 1).to_be_bytes().to_vec())
+            })?
+            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(1);
+        db.flush()?;
+        // A crash can lose the last index writes (sled flushes in the background) while their
+        // blob files are in place: unless the last shutdown was clean, scan the files.
+        let clean = meta.remove(KEY_CLEAN)?.is_some();
+        db.flush()?;
+        let index = db.open_tree("cas_index")?;
+        let lru = db.open_tree("cas_lru")?;
+        let mut total = 0u64;
+        for item in index.iter() {
+            let (_, v) = item?;
+            if let Ok(e) = IndexEntry::decode(&v) {
+                total += e.size;
+            }
+        }
+        let syncer = (cfg.storage.fsync == FsyncPolicy::Batch)
+            .then(|| spawn_syncer(Duration::from_millis(cfg.storage.fsync_batch_window_ms)));
+        let protect_ms = cfg.storage.protect_window_secs * 1000;
+        let store = Self(Arc::new(Inner {
+            dir,
+            tmp_dir,
+            db: db.clone(),
+            index,
+            lru,
+            boot,
+            fsync: cfg.storage.fsync,
+            syncer,
+            memory: Mutex::new(MemoryTier::new(cfg.storage.memory_tier_bytes, cfg.storage.memory_tier_max_blob_bytes)),
+            total_bytes: AtomicU64::new(total),
+            max_size: cfg.storage.max_size_bytes,
+            protect_ms,
+            touch_granularity_ms: (protect_ms / 16).min(MAX_TOUCH_GRANULARITY.as_millis() as u64),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            partials: Mutex::new(HashMap::new()),
+            max_partials: cfg.storage.max_partial_uploads,
+            partial_ttl: Duration::from_secs(cfg.storage.partial_upload_ttl_secs),
+            meta,
+            index_complete: std::sync::atomic::AtomicBool::new(clean),
+        }));
+        if !clean {
+            let s = store.clone();
+            std::thread::Builder::new()
+                .name("kiln-cas-scan".into())
+                .spawn(move || match s.reindex_files() {
+                    Ok(n) => {
+                        s.0.index_complete.store(true, Ordering::Release);
+                        tracing::info!(reindexed = n, "blob files scanned after an unclean shutdown");
+                    }
+                    Err(e) => tracing::error!(error = %e, "scanning blob files failed; index misses stay double-checked"),
+                })
+                .map_err(|e| KilnError::io("spawning the blob scan", e))?;
+        }
+        metrics::gauge!(m::CAS_STORED_BYTES).set(total as f64);
+        tracing::info!(boot, stored_bytes = total, "blob store open");
+        Ok(store)
+    }
+
+    /// Bytes of blobs currently indexed.
+    pub fn stored_bytes(&self) -> u64 {
+        self.0.total_bytes.load(Ordering::Relaxed)
+    }
+
+    /// This process' boot counter (increments on every start of the node).
+    pub fn boot(&self) -> u64 {
+        self.0.boot
+    }
+
+    pub(super) fn tmp_path(&self) -> PathBuf {
+        self.0.tmp_dir.join(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    fn path_of(&self, d: &BlobDigest) -> PathBuf {
+        let hex = d.hex();
+        self.0.dir.join(d.function.name()).join(&hex[..2]).join(hex)
+    }
+
+    fn stripe(&self, key: &Key) -> parking_lot::MutexGuard<'_, ()> {
+        self.0.stripes[key[1] as usize % STRIPES].lock()
+    }
+
+    /// The index entry of `d`, if the blob is stored with that size. An index miss falls back
+    /// to the file system: the index is flushed lazily, so after a `kill -9` a blob can be in
+    /// place (it was acknowledged) while its entry is not; such a blob is re-indexed as not yet
+    /// verified.
+    fn lookup(&self, d: &BlobDigest) -> Result<Option<(IndexEntry, sled::IVec)>> {
+        let key = d.key();
+        if let Some(raw) = self.0.index.get(key)? {
+            let e = IndexEntry::decode(&raw)?;
+            return Ok((e.size == d.size).then_some((e, raw)));
+        }
+        if self.0.index_complete.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        self.reindex_if_on_disk(d)
+    }
+
+    /// Indexes `d` if its file is in place (found after a crash), as not yet verified.
+    fn reindex_if_on_disk(&self, d: &BlobDigest) -> Result<Option<(IndexEntry, sled::IVec)>> {
+        let key = d.key();
+        let path = self.path_of(d);
+        match std::fs::metadata(&path) {
+            Ok(md) if md.len() == d.size => {
+                let _g = self.stripe(&key);
+                let e = IndexEntry { size: d.size, atime: now_ms(), verified_boot: 0 };
+                let raw: sled::IVec = e.encode().into();
+                if self.0.index.compare_and_swap(key, None as Option<&[u8]>, Some(raw.clone()))?.is_ok() {
+                    self.0.lru.insert(lru_key(e.atime, &key), &[])?;
+                    self.add_total(d.size as i64);
+                    tracing::info!(digest = %d, "re-indexed a blob found on disk");
+                    Ok(Some((e, raw)))
+                } else {
+                    drop(_g);
+                    match self.0.index.get(key)? {
+                        Some(raw) => {
+                            let e = IndexEntry::decode(&raw)?;
+                            Ok((e.size == d.size).then_some((e, raw)))
+                        }
+                        None => Ok(None),
+                    }
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn add_total(&self, delta: i64) {
+        let v = if delta >= 0 {
+            self.0.total_bytes.fetch_add(delta as u64, Ordering::Relaxed) + delta as u64
+        } else {
+            self.0.total_bytes.fetch_sub((-delta) as u64, Ordering::Relaxed) - (-delta) as u64
+        };
+        metrics::gauge!(m::CAS_STORED_BYTES).set(v as f64);
+    }
+
+    /// Records an access if the recorded one is older than the touch granularity. Returns false
+    /// if the entry disappeared meanwhile (evicted): the blob must then be reported missing.
+    fn touch(&self, key: &Key, raw: &sled::IVec, e: &IndexEntry) -> Result<bool> {
+        let now = now_ms();
+        if now.saturating_sub(e.atime) <= self.0.touch_granularity_ms && now >= e.atime {
+            return Ok(true);
+        }
+        let new = IndexEntry { atime: now, ..*e };
+        // Compare-and-swap: an eviction that removed the entry between our read and this write
+        // must win, or we would report present a blob whose file is being deleted.
+        match self.0.index.compare_and_swap(key, Some(raw), Some(new.encode()))? {
+            Ok(()) => {
+                self.0.lru.remove(lru_key(e.atime, key))?;
+                self.0.lru.insert(lru_key(now, key), &[])?;
+                Ok(true)
+            }
+            Err(cas) => Ok(cas.current.is_some()),
+        }
+    }
+
+    /// Whether `d` is stored; refreshes its access time so it stays for the protect window.
+    pub fn contains(&self, d: &BlobDigest) -> Result<bool> {
+        if d.is_empty_blob() {
+            return Ok(true);
+        }
+        match self.lookup(d)? {
+            Some((e, raw)) => self.touch(&d.key(), &raw, &e),
+            None => Ok(false),
+        }
+    }
+
+    /// The digests of `ds` that are not stored, in request order. Present ones are touched.
+    /// Large requests are split over a few threads: index reads are independent.
+    pub fn find_missing(&self, ds: &[BlobDigest]) -> Result<Vec<BlobDigest>> {
+        const PARALLEL_ABOVE: usize = 2048;
+        let check = |part: &[BlobDigest]| -> Result<Vec<BlobDigest>> {
+            let mut missing = Vec::new();
+            for d in part {
+                if !self.contains(d)? {
+                    missing.push(*d);
+                }
+            }
+            Ok(missing)
+        };
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4);
+        if ds.len() <= PARALLEL_ABOVE || threads < 2 {
+            return check(ds);
+        }
+        let chunk = ds.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = ds.chunks(chunk).map(|part| scope.spawn(move || check(part))).collect();
+            let mut missing = Vec::new();
+            for h in handles {
+                missing.extend(h.join().map_err(|_| KilnError::Internal("presence check thread panicked".into()))??);
+            }
+            Ok(missing)
+        })
+    }
+
+    /// Opens `d` for reading: from memory, or as a file verified since this boot. `None` if the
+    /// blob is not stored (or was found corrupt and dropped).
+    pub fn open_blob(&self, d: &BlobDigest) -> Result<Option<OpenBlob>> {
+        if d.is_empty_blob() {
+            return Ok(Some(OpenBlob::Memory(Bytes::new())));
+        }
+        let key = d.key();
+        // Bind the lookup first: a guard held across the body would deadlock the `remove`.
+        let cached = self.0.memory.lock().get(&key);
+        if let Some(b) = cached {
+            if b.len() as u64 != d.size {
+                // Same hash, other size: that digest does not exist.
+                return Ok(None);
+            }
+            metrics::counter!(m::CAS_MEMORY_HITS).increment(1);
+            if let Some((e, raw)) = self.lookup(d)? {
+                self.touch(&key, &raw, &e)?;
+                return Ok(Some(OpenBlob::Memory(b)));
+            }
+            self.0.memory.lock().remove(&key);
+            return Ok(None);
+        }
+        let Some((e, raw)) = self.lookup(d)? else { return Ok(None) };
+        let path = self.path_of(d);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                // The index outlived the file (deleted by hand, lost to a crash before fsync).
+                self.forget(d, "file missing")?;
+                return Ok(None);
+            }
+            Err(err) => return Err(KilnError::io(format!("opening blob {d}"), err)),
+        };
+        if e.verified_boot != self.0.boot {
+            let ok = verify_file(&mut file, d).map_err(|err| KilnError::io(format!("verifying blob {d}"), err))?;
+            if !ok {
+                metrics::counter!(m::CAS_CORRUPT_BLOBS).increment(1);
+                tracing::error!(digest = %d, path = %path.display(), "blob bytes do not match the digest: dropped");
+                self.forget(d, "corrupt")?;
+                return Ok(None);
+            }
+            let verified = IndexEntry { verified_boot: self.0.boot, ..e };
+            let _ = self.0.index.compare_and_swap(key, Some(&raw), Some(verified.encode()))?;
+            file = File::open(&path).map_err(|err| KilnError::io(format!("opening blob {d}"), err))?;
+        }
+        self.touch(&key, &raw, &e)?;
+        Ok(Some(OpenBlob::File(file, d.size)))
+    }
+
+    /// Reads a whole blob into memory; for small blobs only (batch reads, inlining).
+    pub fn read_all(&self, d: &BlobDigest) -> Result<Option<Bytes>> {
+        match self.open_blob(d)? {
+            None => Ok(None),
+            Some(OpenBlob::Memory(b)) => Ok(Some(b)),
+            Some(OpenBlob::File(mut f, size)) => {
+                let mut buf = Vec::with_capacity(size as usize);
+                f.read_to_end(&mut buf).map_err(|e| KilnError::io(format!("reading blob {d}"), e))?;
+                if buf.len() as u64 != size {
+                    self.forget(d, "truncated")?;
+                    return Ok(None);
+                }
+                let b = Bytes::from(buf);
+                self.0.memory.lock().insert(d.key(), b.clone());
+                Ok(Some(b))
+            }
+        }
+    }
+
+    /// Drops a blob whose file is gone or corrupt from index, memory and disk.
+    fn forget(&self, d: &BlobDigest, why: &str) -> Result<()> {
+        let key = d.key();
+        let _g = self.stripe(&key);
+        self.0.memory.lock().remove(&key);
+        if let Some(raw) = self.0.index.remove(key)? {
+            if let Ok(e) = IndexEntry::decode(&raw) {
+                self.0.lru.remove(lru_key(e.atime, &key))?;
+                self.add_total(-(e.size as i64));
+            }
+        }
+        let _ = std::fs::remove_file(self.path_of(d));
+        tracing::warn!(digest = %d, why, "blob dropped");
+        Ok(())
+    }
+
+    /// Stores an in-memory blob after checking its size and hash.
+    pub fn put(&self, d: &BlobDigest, data: Bytes) -> Result<()> {
+        check_content(d, &data)?;
+        self.put_checked(d, data)
+    }
+
+    /// Stores an in-memory blob whose size and hash the caller has just checked.
+    pub fn put_checked(&self, d: &BlobDigest, data: Bytes) -> Result<()> {
+        if d.is_empty_blob() || self.contains(d)? {
+            return Ok(());
+        }
+        let tmp = self.tmp_path();
+        let mut f = File::create(&tmp).map_err(|e| KilnError::io(format!("creating {}", tmp.display()), e))?;
+        if let Err(e) = f.write_all(&data) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(KilnError::io(format!("writing blob {d}"), e));
+        }
+        self.commit(d, &tmp, f)?;
+        self.0.memory.lock().insert(d.key(), data);
+        Ok(())
+    }
+
+    /// Moves a fully written, verified temp file into place and indexes it.
+    pub(super) fn commit(&self, d: &BlobDigest, tmp: &Path, file: File) -> Result<()> {
+        self.make_room(d.size)?;
+        let path = self.path_of(d);
+        if self.0.fsync == FsyncPolicy::Always {
+            file.sync_data().map_err(|e| KilnError::io(format!("fsync of blob {d}"), e))?;
+        }
+        let key = d.key();
+        let now = now_ms();
+        {
+            let _g = self.stripe(&key);
+            std::fs::rename(tmp, &path).map_err(|e| KilnError::io(format!("renaming blob {d} into place"), e))?;
+            let e = IndexEntry { size: d.size, atime: now, verified_boot: self.0.boot };
+            match self.0.index.insert(key, e.encode())? {
+                Some(old) => {
+                    if let Ok(old) = IndexEntry::decode(&old) {
+                        self.0.lru.remove(lru_key(old.atime, &key))?;
+                        self.add_total(d.size as i64 - old.size as i64);
+                    }
+                }
+                None => self.add_total(d.size as i64),
+            }
+            self.0.lru.insert(lru_key(now, &key), &[])?;
+        }
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        match self.0.fsync {
+            FsyncPolicy::Always => {
+                sync_dir(&dir).map_err(|e| KilnError::io(format!("fsync of {}", dir.display()), e))?;
+                self.0.db.flush()?;
+            }
+            FsyncPolicy::Batch => {
+                if let Some(tx) = &self.0.syncer {
+                    // A full queue means the disk is behind: sync inline rather than queue
+                    // without bound.
+                    if let Err(std::sync::mpsc::TrySendError::Full(job)) = tx.try_send(SyncJob { file, dir }) {
+                        let _ = job.file.sync_data();
+                        let _ = sync_dir(&job.dir);
+                    }
+                }
+            }
+            FsyncPolicy::Never => {}
+        }
+        metrics::counter!(m::CAS_BLOBS_WRITTEN).increment(1);
+        metrics::counter!(m::CAS_BYTES_WRITTEN).increment(d.size);
+        Ok(())
+    }
+
+    /// Makes room for `incoming` bytes, evicting least recently used blobs outside the protect
+    /// window. Fails with RESOURCE_EXHAUSTED when the blobs that could go are not enough.
+    fn make_room(&self, incoming: u64) -> Result<()> {
+        let max = self.0.max_size;
+        if self.stored_bytes() + incoming <= max {
+            return Ok(());
+        }
+        let target = ((max as f64 * EVICT_LOW_WATERMARK) as u64).saturating_sub(incoming);
+        self.evict_down_to(target)?;
+        if self.stored_bytes() + incoming > max {
+            return Err(KilnError::ResourceExhausted(format!(
+                "CAS is full: {} of {} bytes stored and every remaining blob was used within the last {} s; \
+                 a blob of {} bytes does not fit",
+                self.stored_bytes(),
+                max,
+                self.0.protect_ms / 1000,
+                incoming
+            )));
+        }
+        Ok(())
+    }
+
+    /// Evicts least recently used, unprotected blobs until at most `target` bytes are stored.
+    /// Returns how many blobs went.
+    pub fn evict_down_to(&self, target: u64) -> Result<usize> {
+        // A recorded atime may lag the real last touch by up to the granularity, hence the
+        // extra margin.
+        let cutoff = now_ms().saturating_sub(self.0.protect_ms + self.0.touch_granularity_ms);
+        let mut evicted = 0;
+        for item in self.0.lru.iter() {
+            if self.stored_bytes() <= target {
+                break;
+            }
+            let (k, _) = item?;
+            if k.len() != 8 + 1 + HASH_LEN {
+                continue;
+            }
+            let atime = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
+            if atime >= cutoff {
+                break; // everything after this is newer, hence protected
+            }
+            let key: Key = k[8..].try_into().expect("key length checked");
+            let _g = self.stripe(&key);
+            let Some(raw) = self.0.index.get(key)? else {
+                self.0.lru.remove(&k)?;
+                continue;
+            };
+            let Ok(e) = IndexEntry::decode(&raw) else { continue };
+            if e.atime != atime {
+                // Touched since this LRU record was written; the newer record stands.
+                self.0.lru.remove(&k)?;
+                continue;
+            }
+            if self.0.index.compare_and_swap(key, Some(&raw), None as Option<&[u8]>)?.is_err() {
+                continue;
+            }
+            self.0.lru.remove(&k)?;
+            self.0.memory.lock().remove(&key);
+            let Some(function) = DigestFunction::from_key_byte(key[0]) else { continue };
+            let mut hash = [0u8; HASH_LEN];
+            hash.copy_from_slice(&key[1..]);
+            let d = BlobDigest { function, hash, size: e.size };
+            let _ = std::fs::remove_file(self.path_of(&d));
+            self.add_total(-(e.size as i64));
+            evicted += 1;
+        }
+        if evicted > 0 {
+            metrics::counter!(m::CAS_EVICTIONS).increment(evicted as u64);
+            tracing::info!(evicted, stored_bytes = self.stored_bytes(), "evicted blobs");
+        }
+        Ok(evicted)
+    }
+
+    /// Parks an unfinished upload so a later Write (or QueryWriteStatus) can find it.
+    pub fn park_upload(&self, upload_key: String, state: UploadState) {
+        let mut p = self.0.partials.lock();
+        let ttl = self.0.partial_ttl;
+        p.retain(|_, u| u.parked_at.elapsed() < ttl);
+        while p.len() >= self.0.max_partials {
+            let oldest = p.iter().min_by_key(|(_, u)| u.parked_at).map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => p.remove(&k),
+                None => break,
+            };
+        }
+        p.insert(upload_key, ParkedUpload { state, parked_at: Instant::now() });
+    }
+
+    /// Takes a parked upload to resume it.
+    pub fn take_upload(&self, upload_key: &str) -> Option<UploadState> {
+        self.0.partials.lock().remove(upload_key).map(|u| u.state)
+    }
+
+    /// Bytes committed so far by a parked upload.
+    pub fn parked_upload_size(&self, upload_key: &str) -> Option<u64> {
+        self.0.partials.lock().get(upload_key).map(|u| u.state.received)
+    }
+
+    /// A parked upload's temp file, size received and whether it is compressed (a peer
+    /// resuming it elsewhere reads the bytes). The file stays until the upload expires.
+    pub fn parked_upload_file(&self, upload_key: &str) -> Option<(PathBuf, u64, bool)> {
+        self.0.partials.lock().get(upload_key).map(|u| (u.state.tmp_path().to_path_buf(), u.state.received, u.state.compressed))
+    }
+
+    /// Flushes the index (the Action Cache shares its database).
+    pub fn flush_index(&self) -> Result<()> {
+        self.0.db.flush()?;
+        Ok(())
+    }
+
+    /// Flushes the index and records that it lists every blob (the next start skips the scan).
+    pub fn close(&self) -> Result<()> {
+        if self.0.index_complete.load(Ordering::Acquire) {
+            self.0.meta.insert(KEY_CLEAN, &[1])?;
+        }
+        self.0.db.flush()?;
+        Ok(())
+    }
+
+    /// Walks every blob file and indexes those the index lacks. Returns how many.
+    fn reindex_files(&self) -> Result<usize> {
+        let mut n = 0;
+        for f in DigestFunction::ALL {
+            let fdir = self.0.dir.join(f.name());
+            for shard in 0..=255u8 {
+                let sdir = fdir.join(format!("{shard:02x}"));
+                let Ok(entries) = std::fs::read_dir(&sdir) else { continue };
+                for entry in entries.flatten() {
+                    let name = entry.file_name();
+                    let Some(hex) = name.to_str() else { continue };
+                    let Ok(md) = entry.metadata() else { continue };
+                    let Ok(d) = BlobDigest::parse(f, hex, md.len() as i64) else { continue };
+                    if self.0.index.get(d.key())?.is_none() && self.reindex_if_on_disk(&d)?.is_some() {
+                        n += 1;
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Up to `limit` stored digests after `after` in index order (for repair passes).
+    pub fn list_digests(&self, after: Option<BlobDigest>, limit: usize) -> Result<Vec<BlobDigest>> {
+        let start = after.map(|d| d.key().to_vec());
+        let iter = match &start {
+            Some(k) => self.0.index.range::<&[u8], _>((std::ops::Bound::Excluded(k.as_slice()), std::ops::Bound::Unbounded)),
+            None => self.0.index.iter(),
+        };
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (k, v) = item?;
+            let (Some(f), Ok(e)) = (k.first().and_then(|b| DigestFunction::from_key_byte(*b)), IndexEntry::decode(&v)) else { continue };
+            if k.len() != 1 + HASH_LEN {
+                continue;
+            }
+            let mut hash = [0u8; HASH_LEN];
+            hash.copy_from_slice(&k[1..]);
+            out.push(BlobDigest { function: f, hash, size: e.size });
+        }
+        Ok(out)
+    }
+
+    /// Drops a copy this node no longer needs (its owners hold the blob).
+    pub fn drop_copy(&self, d: &BlobDigest) -> Result<()> {
+        self.forget(d, "moved to its owners")
+    }
+
+    /// Whether the index is known to list every blob file (tests wait for the start-up scan).
+    pub fn index_complete(&self) -> bool {
+        self.0.index_complete.load(Ordering::Acquire)
+    }
+}
+
+/// Checks that `data` is the content of `d`.
+pub fn check_content(d: &BlobDigest, data: &[u8]) -> Result<()> {
+    if data.len() as u64 != d.size {
+        return Err(KilnError::invalid(format!(
+            "size mismatch for blob {d}: the digest says {} bytes, {} were sent",
+            d.size,
+            data.len()
+        )));
+    }
+    let actual = d.function.digest_of(data);
+    if actual.hash != d.hash {
+        return Err(KilnError::invalid(format!(
+            "hash mismatch for blob {d}: the data hashes to {} with {}",
+            actual.hex(),
+            d.function.name()
+        )));
+    }
+    Ok(())
+}
+
+fn verify_file(file: &mut File, d: &BlobDigest) -> std::io::Result<bool> {
+    let mut h = d.function.hasher();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok(total == d.size && h.finalize() == d.hash)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The group-commit thread: collects blob files for one window, then fsyncs them and their
+/// directories together. Bounded queue; see [`BlobStore::commit`] for what happens when full.
+fn spawn_syncer(window: Duration) -> std::sync::mpsc::SyncSender<SyncJob> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<SyncJob>(4096);
+    std::thread::Builder::new()
+        .name("kiln-fsync".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                std::thread::sleep(window);
+                let mut jobs = vec![first];
+                while let Ok(j) = rx.try_recv() {
+                    jobs.push(j);
+                }
+                // One syncfs flushes every file and directory of the window at the cost of
+                // one device flush; fsyncing each file would cost one flush per blob (this is
+                // what makes it a group commit).
+                if jobs.len() > 1 {
+                    if let Err(e) = nix::unistd::syncfs(&jobs[0].file) {
+                        tracing::error!(error = %e, "syncfs of the blob store failed");
+                    }
+                } else {
+                    for j in jobs {
+                        if let Err(e) = j.file.sync_data().and_then(|_| sync_dir(&j.dir)) {
+                            tracing::error!(error = %e, "fsync of a blob failed");
+                        }
+                    }
+                }
+                metrics::counter!(m::CAS_FSYNC_BATCHES).increment(1);
+            }
+        })
+        .expect("spawning the fsync thread");
+    tx
+}

@@ -1,0 +1,136 @@
+//! A streaming upload: hashes and writes each chunk as it arrives, so memory stays bounded
+//! whatever the blob size, and can be parked and resumed at the size it committed.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+
+use super::store::BlobStore;
+use crate::digest::{BlobDigest, Hasher};
+use crate::error::{KilnError, Result};
+
+/// The file being written, hashing as it goes and refusing bytes beyond the digest's size
+/// (which also bounds what a zstd stream may expand to).
+struct HashingFile {
+    file: File,
+    hasher: Hasher,
+    written: u64,
+    limit: u64,
+}
+
+impl Write for HashingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written + buf.len() as u64 > self.limit {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, SizeExceeded));
+        }
+        self.file.write_all(buf)?;
+        self.hasher.update(buf);
+        self.written += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct SizeExceeded;
+impl std::fmt::Display for SizeExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("more data than the digest's size")
+    }
+}
+impl std::error::Error for SizeExceeded {}
+
+enum Sink {
+    Plain(HashingFile),
+    Zstd(Box<zstd::stream::write::Decoder<'static, HashingFile>>),
+}
+
+/// One upload in progress. Dropping it deletes its temp file.
+pub struct UploadState {
+    pub digest: BlobDigest,
+    pub compressed: bool,
+    /// Bytes received on the wire: ByteStream's `committed_size` (compressed bytes for a
+    /// compressed upload).
+    pub received: u64,
+    sink: Option<Sink>,
+    tmp: PathBuf,
+}
+
+impl Drop for UploadState {
+    fn drop(&mut self) {
+        // After a commit the temp path no longer exists (renamed); otherwise this removes it.
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+impl UploadState {
+    /// The temp file holding what was received so far.
+    pub fn tmp_path(&self) -> &std::path::Path {
+        &self.tmp
+    }
+
+    pub fn start(store: &BlobStore, digest: BlobDigest, compressed: bool) -> Result<Self> {
+        let tmp = store.tmp_path();
+        let file = File::create(&tmp).map_err(|e| KilnError::io(format!("creating {}", tmp.display()), e))?;
+        let hf = HashingFile { file, hasher: digest.function.hasher(), written: 0, limit: digest.size };
+        let sink = if compressed {
+            let dec = zstd::stream::write::Decoder::new(hf).map_err(|e| KilnError::io("starting zstd decoder", e))?;
+            Sink::Zstd(Box::new(dec))
+        } else {
+            Sink::Plain(hf)
+        };
+        Ok(Self { digest, compressed, received: 0, sink: Some(sink), tmp })
+    }
+
+    fn map_write_err(&self, e: std::io::Error) -> KilnError {
+        let d = self.digest;
+        if e.get_ref().is_some_and(|i| i.is::<SizeExceeded>()) {
+            KilnError::invalid(format!("size mismatch for blob {d}: more than {} bytes were sent", d.size))
+        } else if self.compressed && e.kind() != std::io::ErrorKind::StorageFull {
+            KilnError::invalid(format!("zstd data of blob {d} does not decompress: {e}"))
+        } else {
+            KilnError::io(format!("writing blob {d}"), e)
+        }
+    }
+
+    /// Appends `data` (compressed bytes for a compressed upload).
+    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        let r = match self.sink.as_mut().expect("sink present until finish") {
+            Sink::Plain(f) => f.write_all(data),
+            Sink::Zstd(d) => d.write_all(data),
+        };
+        r.map_err(|e| self.map_write_err(e))?;
+        self.received += data.len() as u64;
+        Ok(())
+    }
+
+    /// Checks size and hash, then moves the blob into place.
+    pub fn finish(mut self, store: &BlobStore) -> Result<()> {
+        let d = self.digest;
+        let hf = match self.sink.take().expect("sink present until finish") {
+            Sink::Plain(f) => f,
+            Sink::Zstd(dec) => match dec.finish() {
+                Ok(f) => f,
+                Err(e) => return Err(self.map_write_err(e)),
+            },
+        };
+        if hf.written != d.size {
+            return Err(KilnError::invalid(format!(
+                "size mismatch for blob {d}: the digest says {} bytes, {} were sent",
+                d.size, hf.written
+            )));
+        }
+        let actual = hf.hasher.finalize();
+        if actual != d.hash {
+            return Err(KilnError::invalid(format!(
+                "hash mismatch for blob {d}: the data hashes to {} with {}",
+                hex::encode(actual),
+                d.function.name()
+            )));
+        }
+        store.commit(&d, &self.tmp, hf.file)
+    }
+}

@@ -1,0 +1,356 @@
+//! `kiln.peer.v1.Peer`: what the nodes of a cluster serve each other — the Raft transport,
+//! forwarded proposals, membership and status, and each node's local blob store and Action
+//! Cache for the sharded CAS.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use kiln_proto::peer::peer_server::Peer;
+use kiln_proto::peer::{
+    ActionResultEntry, ActionResultKey, AddMemberRequest, BlobChunk, HasBlobsRequest, HasBlobsResponse, Member,
+    ProposeRequest, ProposeResponse, RaftRequest, RaftResponse, ReadBlobRequest, RemoveMemberRequest, StatusRequest,
+    StatusResponse, UploadKey, UploadStatusResponse, WriteBlobResponse, MIN_PEER_VERSION, PEER_VERSION,
+};
+use kiln_raft::network::{decode, encode};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::blocking;
+use crate::cas::UploadState;
+use crate::digest::{BlobDigest, DigestFunction};
+use crate::error::{KilnError, Result};
+use crate::server::NodeState;
+
+pub struct PeerService {
+    state: Arc<NodeState>,
+}
+
+fn check_version(v: u32) -> Result<()> {
+    if !(MIN_PEER_VERSION..=PEER_VERSION).contains(&v) {
+        return Err(KilnError::FailedPrecondition(format!(
+            "peer protocol version {v} is not served here (this node serves {MIN_PEER_VERSION} to {PEER_VERSION})"
+        )));
+    }
+    Ok(())
+}
+
+pub fn peer_digest(d: &BlobDigest) -> kiln_proto::peer::BlobDigest {
+    kiln_proto::peer::BlobDigest { function: d.function.to_proto(), hash: d.hex(), size: d.size as i64 }
+}
+
+pub fn from_peer_digest(d: Option<&kiln_proto::peer::BlobDigest>) -> Result<BlobDigest> {
+    let d = d.ok_or_else(|| KilnError::invalid("peer request has no digest"))?;
+    Ok(BlobDigest::parse(DigestFunction::from_request(d.function)?, &d.hash, d.size)?)
+}
+
+fn raft_response<T: serde::Serialize, E: serde::Serialize>(r: std::result::Result<T, E>) -> RaftResponse {
+    match r {
+        Ok(v) => RaftResponse { payload: encode(&v), error: vec![] },
+        Err(e) => RaftResponse { payload: vec![], error: encode(&e) },
+    }
+}
+
+impl PeerService {
+    pub fn new(state: Arc<NodeState>) -> Self {
+        Self { state }
+    }
+
+    fn decode_raft<T: serde::de::DeserializeOwned>(req: &RaftRequest) -> Result<T> {
+        check_version(req.version)?;
+        decode(&req.payload).map_err(|e| KilnError::invalid(format!("raft payload: {e}")))
+    }
+
+    pub fn status(&self) -> StatusResponse {
+        let c = &self.state.scheduler.consensus;
+        let m = c.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, n)| Member { id: *id, address: n.addr.clone(), voter: voters.contains(id) })
+            .collect();
+        StatusResponse {
+            node_id: c.node_id,
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            last_applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            members,
+            ring_version: self.state.placement.version(),
+            peer_version: PEER_VERSION,
+            build_version: env!("CARGO_PKG_VERSION").into(),
+            serving: true,
+            cas_stored_bytes: self.state.cas.stored_bytes(),
+        }
+    }
+
+    async fn add_member(&self, req: AddMemberRequest) -> Result<StatusResponse> {
+        check_version(req.version)?;
+        if req.id == 0 || req.address.is_empty() {
+            return Err(KilnError::invalid("a member needs an id of at least 1 and an address"));
+        }
+        let raft = &self.state.scheduler.consensus.raft;
+        let node = openraft::BasicNode { addr: req.address.clone() };
+        raft.add_learner(req.id, node, true).await.map_err(|e| KilnError::FailedPrecondition(format!("adding node {} as learner: {e}", req.id)))?;
+        let mut voters: std::collections::BTreeSet<u64> = raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        voters.insert(req.id);
+        raft.change_membership(voters, false).await.map_err(|e| KilnError::FailedPrecondition(format!("making node {} a voter: {e}", req.id)))?;
+        tracing::info!(node = req.id, address = %req.address, "member added");
+        Ok(self.status())
+    }
+
+    async fn remove_member(&self, req: RemoveMemberRequest) -> Result<StatusResponse> {
+        check_version(req.version)?;
+        let raft = &self.state.scheduler.consensus.raft;
+        let mut voters: std::collections::BTreeSet<u64> = raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        if !voters.remove(&req.id) {
+            return Err(KilnError::NotFound(format!("node {} is not a voting member", req.id)));
+        }
+        if voters.is_empty() {
+            return Err(KilnError::FailedPrecondition("cannot remove the last member".into()));
+        }
+        raft.change_membership(voters, false).await.map_err(|e| KilnError::FailedPrecondition(format!("removing node {}: {e}", req.id)))?;
+        tracing::info!(node = req.id, "member removed");
+        Ok(self.status())
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = std::result::Result<BlobChunk, Status>> + Send>>;
+
+/// Membership changes are served by the leader: a follower answers FAILED_PRECONDITION naming it.
+fn leader_hint(state: &NodeState) -> Option<String> {
+    let c = &state.scheduler.consensus;
+    let m = c.raft.metrics().borrow().clone();
+    let leader = m.current_leader?;
+    if leader == c.node_id {
+        return None;
+    }
+    m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn append_entries(&self, request: Request<RaftRequest>) -> std::result::Result<Response<RaftResponse>, Status> {
+        let req = Self::decode_raft(request.get_ref())?;
+        let r = self.state.scheduler.consensus.raft.append_entries(req).await;
+        Ok(Response::new(raft_response(r)))
+    }
+
+    async fn vote(&self, request: Request<RaftRequest>) -> std::result::Result<Response<RaftResponse>, Status> {
+        let req = Self::decode_raft(request.get_ref())?;
+        let r = self.state.scheduler.consensus.raft.vote(req).await;
+        Ok(Response::new(raft_response(r)))
+    }
+
+    async fn install_snapshot(&self, request: Request<RaftRequest>) -> std::result::Result<Response<RaftResponse>, Status> {
+        let req = Self::decode_raft(request.get_ref())?;
+        let r = self.state.scheduler.consensus.raft.install_snapshot(req).await;
+        Ok(Response::new(raft_response(r)))
+    }
+
+    async fn propose(&self, request: Request<ProposeRequest>) -> std::result::Result<Response<ProposeResponse>, Status> {
+        let req = request.into_inner();
+        check_version(req.version)?;
+        let cmd = kiln_raft::consensus::decode_forwarded_command(&req.command).map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
+        // One hop only: the leader proposes locally; a node that lost leadership meanwhile
+        // says so and the origin retries.
+        let (r, log_index) = self.state.scheduler.consensus.propose_indexed(cmd).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(ProposeResponse { result: kiln_raft::consensus::encode_forwarded(&r), log_index }))
+    }
+
+    async fn status(&self, request: Request<StatusRequest>) -> std::result::Result<Response<StatusResponse>, Status> {
+        check_version(request.get_ref().version)?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn add_member(&self, request: Request<AddMemberRequest>) -> std::result::Result<Response<StatusResponse>, Status> {
+        if let Some(l) = leader_hint(&self.state) {
+            return Err(Status::failed_precondition(format!("membership changes go to the leader at {l}")));
+        }
+        Ok(Response::new(self.add_member(request.into_inner()).await?))
+    }
+
+    async fn remove_member(&self, request: Request<RemoveMemberRequest>) -> std::result::Result<Response<StatusResponse>, Status> {
+        if let Some(l) = leader_hint(&self.state) {
+            return Err(Status::failed_precondition(format!("membership changes go to the leader at {l}")));
+        }
+        Ok(Response::new(self.remove_member(request.into_inner()).await?))
+    }
+
+    async fn has_blobs(&self, request: Request<HasBlobsRequest>) -> std::result::Result<Response<HasBlobsResponse>, Status> {
+        let req = request.into_inner();
+        check_version(req.version)?;
+        let digests: Vec<BlobDigest> = req.digests.iter().map(|d| from_peer_digest(Some(d))).collect::<Result<_>>()?;
+        let cas = self.state.cas.clone();
+        let missing = blocking(move || {
+            let missing = cas.find_missing(&digests)?;
+            Ok((digests, missing))
+        })
+        .await?;
+        let (digests, missing) = missing;
+        let missing: std::collections::HashSet<BlobDigest> = missing.into_iter().collect();
+        let present = digests.iter().filter(|d| !missing.contains(d)).map(peer_digest).collect();
+        Ok(Response::new(HasBlobsResponse { present }))
+    }
+
+    async fn write_blob(&self, request: Request<Streaming<BlobChunk>>) -> std::result::Result<Response<WriteBlobResponse>, Status> {
+        let mut s = request.into_inner();
+        let first = s.message().await?.ok_or_else(|| Status::invalid_argument("empty blob stream"))?;
+        check_version(first.version)?;
+        let d = from_peer_digest(first.digest.as_ref())?;
+        let cas = self.state.cas.clone();
+        let present = {
+            let cas = cas.clone();
+            blocking(move || cas.contains(&d)).await?
+        };
+        if present {
+            return Ok(Response::new(WriteBlobResponse { committed_size: d.size as i64 }));
+        }
+        let mut up = {
+            let cas = cas.clone();
+            blocking(move || UploadState::start(&cas, d, false)).await?
+        };
+        let mut data = first.data;
+        loop {
+            if !data.is_empty() {
+                let chunk = std::mem::take(&mut data);
+                up = tokio::task::spawn_blocking(move || up.write(&chunk).map(|()| up))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))??;
+            }
+            match s.message().await? {
+                Some(c) => data = c.data,
+                None => break,
+            }
+        }
+        blocking(move || up.finish(&cas)).await?;
+        Ok(Response::new(WriteBlobResponse { committed_size: d.size as i64 }))
+    }
+
+    type ReadBlobStream = ChunkStream;
+
+    async fn read_blob(&self, request: Request<ReadBlobRequest>) -> std::result::Result<Response<Self::ReadBlobStream>, Status> {
+        let req = request.into_inner();
+        check_version(req.version)?;
+        let d = from_peer_digest(req.digest.as_ref())?;
+        let rx = crate::cas::stream_blob(&self.state.cas, d, 0, 0, false).await?.ok_or(KilnError::BlobNotFound(d))?;
+        let s = tokio_stream::wrappers::ReceiverStream::new(rx).map(|c| match c {
+            Ok(b) => Ok(BlobChunk { version: PEER_VERSION, digest: None, data: b.to_vec() }),
+            Err(e) => Err(Status::from(e)),
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn upload_status(&self, request: Request<UploadKey>) -> std::result::Result<Response<UploadStatusResponse>, Status> {
+        let k = request.into_inner();
+        check_version(k.version)?;
+        Ok(Response::new(match self.state.cas.parked_upload_file(&k.upload_key) {
+            Some((_, size, compressed)) => UploadStatusResponse { found: true, committed_size: size as i64, compressed },
+            None => UploadStatusResponse::default(),
+        }))
+    }
+
+    type ReadUploadStream = ChunkStream;
+
+    async fn read_upload(&self, request: Request<UploadKey>) -> std::result::Result<Response<Self::ReadUploadStream>, Status> {
+        let k = request.into_inner();
+        check_version(k.version)?;
+        let (path, size, compressed) = self
+            .state
+            .cas
+            .parked_upload_file(&k.upload_key)
+            .ok_or_else(|| Status::not_found(format!("no unfinished upload {:?} here", k.upload_key)))?;
+        if compressed {
+            return Err(Status::failed_precondition("a compressed upload resumes only on the node that received it"));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut f = match std::fs::File::open(&path) {
+                Ok(f) => f.take(size),
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::not_found(format!("upload file gone: {e}"))));
+                    return;
+                }
+            };
+            loop {
+                let mut buf = vec![0u8; 1 << 20];
+                match f.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.blocking_send(Ok(BlobChunk { version: PEER_VERSION, digest: None, data: buf })).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn get_action_result(&self, request: Request<ActionResultKey>) -> std::result::Result<Response<ActionResultEntry>, Status> {
+        let key = request.into_inner();
+        check_version(key.version)?;
+        let d = from_peer_digest(key.action.as_ref())?;
+        let ac = self.state.ac.clone();
+        let instance = key.instance_name.clone();
+        let found = blocking(move || ac.load_raw(&instance, &d)).await?;
+        Ok(Response::new(ActionResultEntry {
+            version: PEER_VERSION,
+            found: found.is_some(),
+            action_result: found.unwrap_or_default(),
+            key: Some(key),
+        }))
+    }
+
+    async fn put_action_result(&self, request: Request<ActionResultEntry>) -> std::result::Result<Response<ActionResultEntry>, Status> {
+        let e = request.into_inner();
+        check_version(e.version)?;
+        let key = e.key.clone().ok_or_else(|| Status::invalid_argument("entry has no key"))?;
+        let d = from_peer_digest(key.action.as_ref())?;
+        let ac = self.state.ac.clone();
+        let bytes = e.action_result.clone();
+        blocking(move || ac.store_raw(&key.instance_name, &d, &bytes)).await?;
+        Ok(Response::new(e))
+    }
+
+    async fn put_build_events(
+        &self,
+        request: Request<kiln_proto::peer::PutBuildEventsRequest>,
+    ) -> std::result::Result<Response<kiln_proto::peer::BuildEventsResponse>, Status> {
+        let r = request.into_inner();
+        check_version(r.version)?;
+        if r.stream.is_empty() || r.stream.contains('\0') {
+            return Err(Status::invalid_argument(format!("stream {:?} is not a stream id", r.stream)));
+        }
+        let store = self.state.events.local.clone();
+        let events: Vec<(i64, Vec<u8>)> = r.events.into_iter().map(|e| (e.sequence_number, e.ordered_build_event)).collect();
+        let last = blocking(move || store.put(&r.stream, &events)).await?;
+        Ok(Response::new(kiln_proto::peer::BuildEventsResponse { events: vec![], last_sequence_number: last, event_count: 0 }))
+    }
+
+    async fn get_build_events(
+        &self,
+        request: Request<kiln_proto::peer::GetBuildEventsRequest>,
+    ) -> std::result::Result<Response<kiln_proto::peer::BuildEventsResponse>, Status> {
+        let r = request.into_inner();
+        check_version(r.version)?;
+        let store = self.state.events.local.clone();
+        let limit = (r.limit as usize).min(5000);
+        let (events, last, count) = blocking(move || {
+            let count = if r.count_events { store.count(&r.stream)? } else { 0 };
+            Ok((store.get(&r.stream, r.after_sequence_number, limit)?, store.last(&r.stream)?, count))
+        })
+        .await?;
+        let events = events
+            .into_iter()
+            .map(|(s, d)| kiln_proto::peer::StoredBuildEvent { sequence_number: s, ordered_build_event: d })
+            .collect();
+        Ok(Response::new(kiln_proto::peer::BuildEventsResponse { events, last_sequence_number: last, event_count: count }))
+    }
+}

@@ -1,0 +1,630 @@
+//! # Storage across the cluster: sharded, replicated CAS and Action Cache
+//!
+//! Every blob and Action Cache entry has `replication_factor` owners, the first distinct nodes
+//! clockwise from its key on the placement ring ([`crate::placement`]). The services talk to
+//! [`Storage`]; it talks to the local [`BlobStore`]/[`ActionCacheStore`] for what this node owns
+//! and to the owners' `kiln.peer.v1.Peer` local-store calls for the rest. A ring of one node
+//! makes every call local.
+//!
+//! - **Writes** land in the local store first (hashed and verified while streaming), then are
+//!   pushed to every owner in parallel; the write is acknowledged once every reachable owner has
+//!   the blob in place, and at least one. A copy on a non-owner stays as an evictable cache.
+//! - **Reads** use the local copy if any, else fetch from the owners in ring order, then from
+//!   the other members (a blob written before a membership change), into the local store, and
+//!   serve from there; owners found lacking it are repaired.
+//! - **FindMissingBlobs** groups digests by primary owner, one call per node, in parallel; what
+//!   a primary lacks or cannot answer is asked of the next owner.
+//! - **Action Cache** entries go to every owner; a get returns the first owner's entry, and only
+//!   while every blob it references is still in the CAS (else the client would get a hit it
+//!   cannot download).
+//!
+//! Road not taken: streaming a non-owner's upload straight to the owners without a local copy
+//! would save one disk write, but the local copy is what lets an upload resume on this node and
+//! lets the hash be verified before any owner is touched.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use kiln_proto::peer::{ActionResultEntry, ActionResultKey, BlobChunk, HasBlobsRequest, ReadBlobRequest, UploadKey, PEER_VERSION};
+use kiln_proto::reapi::{self, ActionResult};
+use kiln_raft::network::PeerChannels;
+use prost::Message;
+
+use crate::ac::{validate_result, ActionCacheStore};
+use crate::cas::{BlobStore, OpenBlob, UploadState};
+use crate::config::ActionCacheConfig;
+use crate::digest::{BlobDigest, DigestFunction};
+use crate::error::{KilnError, Result};
+use crate::placement::{Owner, Placement};
+use crate::services::blocking;
+use crate::services::peer::{from_peer_digest, peer_digest};
+
+/// Chunk size of blob pushes between nodes.
+const PEER_CHUNK: usize = 1 << 20;
+/// A result referencing more blobs than this is refused (it could not be checked quickly).
+const MAX_REFERENCED_BLOBS: usize = 100_000;
+
+/// Blobs examined per step of a repair pass.
+const REPAIR_PAGE: usize = 1000;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RepairStats {
+    pub scanned: usize,
+    pub pushed: usize,
+    pub dropped: usize,
+    pub unreachable: usize,
+}
+
+/// What a client asked to have inlined into a GetActionResult answer.
+pub struct Inline<'a> {
+    pub stdout: bool,
+    pub stderr: bool,
+    pub output_files: &'a [String],
+}
+
+#[derive(Clone)]
+pub struct Storage {
+    pub local: BlobStore,
+    pub local_ac: ActionCacheStore,
+    pub placement: Placement,
+    channels: PeerChannels,
+    node_id: u64,
+    ac_cfg: Arc<ActionCacheConfig>,
+}
+
+impl Storage {
+    pub fn new(local: BlobStore, local_ac: ActionCacheStore, placement: Placement, channels: PeerChannels, node_id: u64, ac_cfg: ActionCacheConfig) -> Self {
+        Self { local, local_ac, placement, channels, node_id, ac_cfg: Arc::new(ac_cfg) }
+    }
+
+    /// A ring of this node alone: every call is local.
+    fn is_alone(&self) -> bool {
+        let ring = self.placement.ring();
+        ring.members().len() == 1 && ring.members().contains_key(&self.node_id)
+    }
+
+    fn owners(&self, d: &BlobDigest) -> Vec<Owner> {
+        self.placement.owners(&d.key())
+    }
+
+    fn client(&self, o: &Owner) -> Result<kiln_proto::peer::peer_client::PeerClient<tonic::transport::Channel>> {
+        self.channels.client(&o.addr).map_err(|e| KilnError::Unavailable(format!("node {} at {}: {e}", o.id, o.addr)))
+    }
+
+    /// Other members, in ring order of `d` after its owners (for reads during a rebalance).
+    fn fallbacks(&self, d: &BlobDigest) -> Vec<Owner> {
+        let ring = self.placement.ring();
+        ring.owners(&d.key(), ring.members().len())
+    }
+
+    // ---- CAS ----------------------------------------------------------------------------
+
+    /// The digests of `ds` no owner holds (in request order).
+    pub async fn find_missing(&self, ds: Vec<BlobDigest>) -> Result<Vec<BlobDigest>> {
+        if self.is_alone() {
+            let local = self.local.clone();
+            return blocking(move || local.find_missing(&ds)).await;
+        }
+        // Round r asks each digest's r-th owner, one batched call per node, all nodes at once;
+        // what an owner lacks (or an owner that did not answer) goes on to the next owner: a
+        // write may have missed a node that was down, and repair has not caught up yet.
+        let mut candidates: Vec<BlobDigest> = ds.iter().filter(|d| !d.is_empty_blob()).copied().collect();
+        for rank in 0..self.placement.replication_factor {
+            if candidates.is_empty() {
+                break;
+            }
+            let mut by_node: BTreeMap<u64, (Owner, Vec<BlobDigest>)> = BTreeMap::new();
+            let mut no_owner = Vec::new();
+            for d in candidates {
+                match self.owners(&d).into_iter().nth(rank) {
+                    Some(o) => by_node.entry(o.id).or_insert_with(|| (o, Vec::new())).1.push(d),
+                    None => no_owner.push(d),
+                }
+            }
+            let checks = by_node.into_values().map(|(o, part)| async move {
+                match self.missing_at(&o, &part).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(node = o.id, error = %e, "presence check failed; asking the next owners");
+                        part
+                    }
+                }
+            });
+            candidates = futures::future::join_all(checks).await.into_iter().flatten().chain(no_owner).collect();
+        }
+        let still: std::collections::HashSet<BlobDigest> = candidates.into_iter().collect();
+        Ok(ds.into_iter().filter(|d| still.contains(d)).collect())
+    }
+
+    async fn missing_at(&self, o: &Owner, part: &[BlobDigest]) -> Result<Vec<BlobDigest>> {
+        if o.id == self.node_id || o.addr.is_empty() {
+            let local = self.local.clone();
+            let part = part.to_vec();
+            return blocking(move || local.find_missing(&part)).await;
+        }
+        let req = HasBlobsRequest { version: PEER_VERSION, digests: part.iter().map(peer_digest).collect() };
+        let present = self.client(o)?.has_blobs(req).await.map_err(|s| KilnError::Unavailable(s.message().to_string()))?.into_inner().present;
+        let present: std::collections::HashSet<BlobDigest> =
+            present.iter().filter_map(|p| from_peer_digest(Some(p)).ok()).collect();
+        Ok(part.iter().filter(|d| !present.contains(d)).copied().collect())
+    }
+
+    /// Makes sure the blob is in the local store, fetching it from the owners (then the other
+    /// members) if needed. False if no node has it.
+    pub async fn ensure_local(&self, d: &BlobDigest) -> Result<bool> {
+        let local = self.local.clone();
+        let dd = *d;
+        if blocking(move || local.contains(&dd)).await? {
+            return Ok(true);
+        }
+        for o in self.fallbacks(d) {
+            if o.id == self.node_id {
+                continue;
+            }
+            match self.fetch_from(&o, d).await {
+                Ok(true) => {
+                    // Read-repair: owners that lack it get it back.
+                    let this = self.clone();
+                    let dd = *d;
+                    tokio::spawn(async move {
+                        if let Err(e) = this.replicate(&dd).await {
+                            tracing::debug!(digest = %dd, error = %e, "read-repair failed");
+                        }
+                    });
+                    return Ok(true);
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(node = o.id, digest = %d, error = %e, "fetch from peer failed"),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Streams `d` from node `o` into the local store (verified on the way).
+    async fn fetch_from(&self, o: &Owner, d: &BlobDigest) -> Result<bool> {
+        let resp = self.client(o)?.read_blob(ReadBlobRequest { version: PEER_VERSION, digest: Some(peer_digest(d)) }).await;
+        let mut s = match resp {
+            Ok(r) => r.into_inner(),
+            Err(st) if st.code() == tonic::Code::NotFound => return Ok(false),
+            Err(st) => return Err(KilnError::Unavailable(st.message().to_string())),
+        };
+        let local = self.local.clone();
+        let dd = *d;
+        let mut up = blocking(move || UploadState::start(&local, dd, false)).await?;
+        loop {
+            match s.message().await {
+                Ok(Some(chunk)) => {
+                    up = tokio::task::spawn_blocking(move || up.write(&chunk.data).map(|()| up))
+                        .await
+                        .map_err(|e| KilnError::Internal(e.to_string()))??;
+                }
+                Ok(None) => break,
+                Err(st) if st.code() == tonic::Code::NotFound => return Ok(false),
+                Err(st) => return Err(KilnError::Unavailable(st.message().to_string())),
+            }
+        }
+        let local = self.local.clone();
+        blocking(move || up.finish(&local)).await?;
+        Ok(true)
+    }
+
+    /// Pushes a locally stored blob to every owner that is not this node, in parallel. Ok once
+    /// every reachable owner has it and at least one node (this one counts if it owns it) does.
+    pub async fn replicate(&self, d: &BlobDigest) -> Result<()> {
+        let owners = self.owners(d);
+        let self_owner = owners.iter().any(|o| o.id == self.node_id);
+        let pushes = owners.iter().filter(|o| o.id != self.node_id).map(|o| async move { (o.id, self.push_to(o, d).await) });
+        let results = futures::future::join_all(pushes).await;
+        let mut ok = usize::from(self_owner);
+        for (id, r) in &results {
+            match r {
+                Ok(()) => ok += 1,
+                // The owner may hold it already: this node's copy of a blob written again can
+                // be dropped by a repair pass (moved to its owners) before it was pushed.
+                Err(e) => match owners.iter().find(|o| o.id == *id) {
+                    Some(o) if self.missing_at(o, std::slice::from_ref(d)).await.is_ok_and(|m| m.is_empty()) => ok += 1,
+                    _ => tracing::warn!(node = id, digest = %d, error = %e, "owner unreachable; blob kept here for repair"),
+                },
+            }
+        }
+        if ok == 0 {
+            return Err(KilnError::Unavailable(format!("no owner of blob {d} could store it")));
+        }
+        Ok(())
+    }
+
+    async fn push_to(&self, o: &Owner, d: &BlobDigest) -> Result<()> {
+        let local = self.local.clone();
+        let dd = *d;
+        let opened = blocking(move || local.open_blob(&dd)).await?.ok_or(KilnError::BlobNotFound(*d))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<BlobChunk>(4);
+        let digest = peer_digest(d);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut first = true;
+            let mut send = |data: Vec<u8>| {
+                let chunk = BlobChunk { version: PEER_VERSION, digest: first.then(|| digest.clone()), data };
+                first = false;
+                tx.blocking_send(chunk).is_ok()
+            };
+            match opened {
+                OpenBlob::Memory(b) => {
+                    if b.is_empty() {
+                        send(vec![]);
+                    }
+                    for c in b.chunks(PEER_CHUNK) {
+                        if !send(c.to_vec()) {
+                            return;
+                        }
+                    }
+                }
+                OpenBlob::File(mut f, _) => {
+                    let mut any = false;
+                    loop {
+                        let mut buf = vec![0u8; PEER_CHUNK];
+                        let n = match f.read(&mut buf) {
+                            Ok(n) => n,
+                            Err(_) => return,
+                        };
+                        if n == 0 {
+                            if !any {
+                                send(vec![]);
+                            }
+                            return;
+                        }
+                        any = true;
+                        buf.truncate(n);
+                        if !send(buf) {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        self.client(o)?
+            .write_blob(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| KilnError::Unavailable(format!("node {}: {}", o.id, s.message())))?;
+        Ok(())
+    }
+
+    /// Stores an in-memory blob (checked) and replicates it.
+    pub async fn put(&self, d: BlobDigest, data: Bytes) -> Result<()> {
+        let local = self.local.clone();
+        blocking(move || local.put(&d, data)).await?;
+        if d.is_empty_blob() {
+            return Ok(());
+        }
+        self.replicate(&d).await
+    }
+
+    /// Stores a batch of checked small blobs (one pass on a blocking thread), then replicates
+    /// each to its owners concurrently. One result per blob, in order.
+    pub async fn put_checked_many(&self, blobs: Vec<(BlobDigest, Bytes)>) -> Vec<Result<()>> {
+        let local = self.local.clone();
+        let ds: Vec<BlobDigest> = blobs.iter().map(|(d, _)| *d).collect();
+        let n = blobs.len();
+        let stored = match blocking(move || Ok(blobs.into_iter().map(|(d, data)| local.put_checked(&d, data)).collect::<Vec<_>>())).await {
+            Ok(v) => v,
+            Err(e) => return (0..n).map(|_| Err(KilnError::Internal(e.to_string()))).collect(),
+        };
+        if self.is_alone() {
+            return stored;
+        }
+        let this = self.clone();
+        futures::stream::iter(ds.into_iter().zip(stored).map(move |(d, r)| {
+            let this = this.clone();
+            async move {
+                r?;
+                if d.is_empty_blob() {
+                    return Ok(());
+                }
+                this.replicate(&d).await
+            }
+        }))
+        .buffered(16)
+        .collect::<Vec<_>>()
+        .await
+    }
+
+    /// Whole small blobs: those held here in one pass on a blocking thread, the others from
+    /// wherever they are. One result per digest, in order.
+    pub async fn read_small_many(&self, ds: Vec<BlobDigest>) -> Vec<Result<Option<Bytes>>> {
+        let local = self.local.clone();
+        let wanted = ds.clone();
+        let first = blocking(move || {
+            Ok(wanted.iter().map(|d| if d.is_empty_blob() { Ok(Some(Bytes::new())) } else { local.read_all(d) }).collect::<Vec<_>>())
+        })
+        .await;
+        let first = match first {
+            Ok(v) => v,
+            Err(e) => return ds.iter().map(|_| Err(KilnError::Internal(e.to_string()))).collect(),
+        };
+        if self.is_alone() {
+            return first;
+        }
+        let this = self.clone();
+        futures::stream::iter(ds.into_iter().zip(first).map(move |(d, r)| {
+            let this = this.clone();
+            async move {
+                match r {
+                    Ok(None) => this.read_small(&d).await,
+                    other => other,
+                }
+            }
+        }))
+        .buffered(16)
+        .collect::<Vec<_>>()
+        .await
+    }
+
+    /// A whole small blob, from wherever it is.
+    pub async fn read_small(&self, d: &BlobDigest) -> Result<Option<Bytes>> {
+        if !d.is_empty_blob() && !self.ensure_local(d).await? {
+            return Ok(None);
+        }
+        let local = self.local.clone();
+        let dd = *d;
+        blocking(move || local.read_all(&dd)).await
+    }
+
+    // ---- Repair ---------------------------------------------------------------------------
+
+    /// One pass over the blobs this node holds: every owner that lacks one gets it (a write
+    /// that missed an owner, an owner that was down, a new owner after a membership change,
+    /// a replica lost with a disk), and a copy this node holds without owning it is dropped
+    /// once all its owners confirmed they have it (a rebalance completes). Bounded work per
+    /// call; nothing is dropped unless every owner answered.
+    pub async fn repair_pass(&self) -> Result<RepairStats> {
+        let mut stats = RepairStats::default();
+        if self.placement.ring().members().len() < 2 {
+            return Ok(stats);
+        }
+        let mut after = None;
+        loop {
+            let local = self.local.clone();
+            let page = blocking(move || local.list_digests(after, REPAIR_PAGE)).await?;
+            let Some(last) = page.last().copied() else { break };
+            after = Some(last);
+            let mut by_owner: BTreeMap<u64, (Owner, Vec<BlobDigest>)> = BTreeMap::new();
+            for d in &page {
+                for o in self.owners(d) {
+                    if o.id != self.node_id {
+                        by_owner.entry(o.id).or_insert_with(|| (o.clone(), Vec::new())).1.push(*d);
+                    }
+                }
+            }
+            let mut unconfirmed: std::collections::HashSet<BlobDigest> = std::collections::HashSet::new();
+            for (_, (o, ds)) in by_owner {
+                match self.missing_at(&o, &ds).await {
+                    Ok(missing) => {
+                        for d in missing {
+                            match self.push_to(&o, &d).await {
+                                Ok(()) => stats.pushed += 1,
+                                Err(_) => {
+                                    unconfirmed.insert(d);
+                                }
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        stats.unreachable += 1;
+                        unconfirmed.extend(ds);
+                    }
+                }
+            }
+            for d in &page {
+                let owners = self.owners(d);
+                if !owners.iter().any(|o| o.id == self.node_id) && !unconfirmed.contains(d) {
+                    let local = self.local.clone();
+                    let dd = *d;
+                    blocking(move || local.drop_copy(&dd)).await?;
+                    stats.dropped += 1;
+                }
+            }
+            stats.scanned += page.len();
+            if page.len() < REPAIR_PAGE {
+                break;
+            }
+        }
+        if stats.pushed > 0 || stats.dropped > 0 {
+            tracing::info!(?stats, "repair pass");
+        }
+        Ok(stats)
+    }
+
+    // ---- Uploads resumed on another node ---------------------------------------------------
+
+    /// The node (other than this one) holding the furthest parked upload under `key`.
+    pub async fn remote_upload_status(&self, key: &str) -> Option<(Owner, u64)> {
+        let ring = self.placement.ring();
+        let asks = ring.members().iter().filter(|(id, _)| **id != self.node_id).map(|(id, addr)| {
+            let o = Owner { id: *id, addr: addr.clone() };
+            async move {
+                let mut c = self.client(&o).ok()?;
+                let mut req = tonic::Request::new(UploadKey { version: PEER_VERSION, upload_key: key.to_string() });
+                req.set_timeout(std::time::Duration::from_secs(5));
+                let r = c.upload_status(req).await.ok()?.into_inner();
+                (r.found && !r.compressed).then_some((o, r.committed_size.max(0) as u64))
+            }
+        });
+        futures::future::join_all(asks).await.into_iter().flatten().max_by_key(|(_, n)| *n)
+    }
+
+    /// Continues here an upload parked on another node: copies the bytes it received into a
+    /// new local upload (hashing them as any upload), which the client's Write then extends.
+    pub async fn adopt_remote_upload(&self, key: &str, d: BlobDigest) -> Result<Option<UploadState>> {
+        let Some((o, size)) = self.remote_upload_status(key).await else { return Ok(None) };
+        let mut s = match self.client(&o)?.read_upload(UploadKey { version: PEER_VERSION, upload_key: key.to_string() }).await {
+            Ok(r) => r.into_inner(),
+            Err(_) => return Ok(None),
+        };
+        let local = self.local.clone();
+        let mut up = blocking(move || UploadState::start(&local, d, false)).await?;
+        while let Some(chunk) = s.message().await.map_err(|st| KilnError::Unavailable(st.message().to_string()))? {
+            up = tokio::task::spawn_blocking(move || up.write(&chunk.data).map(|()| up))
+                .await
+                .map_err(|e| KilnError::Internal(e.to_string()))??;
+        }
+        if up.received != size {
+            return Ok(None);
+        }
+        tracing::info!(upload = key, from = o.id, bytes = size, "resuming an upload started on another node");
+        Ok(Some(up))
+    }
+
+    // ---- Action Cache ---------------------------------------------------------------------
+
+    fn ac_owners(&self, action: &BlobDigest) -> Vec<Owner> {
+        self.placement.owners(&action.key())
+    }
+
+    async fn ac_load_from(&self, o: &Owner, instance: &str, action: &BlobDigest) -> Result<Option<ActionResult>> {
+        if o.id == self.node_id {
+            let ac = self.local_ac.clone();
+            let (i, a) = (instance.to_string(), *action);
+            return blocking(move || ac.load(&i, &a)).await;
+        }
+        let key = ActionResultKey { version: PEER_VERSION, instance_name: instance.to_string(), action: Some(peer_digest(action)) };
+        let e = self.client(o)?.get_action_result(key).await.map_err(|s| KilnError::Unavailable(s.message().to_string()))?.into_inner();
+        if !e.found {
+            return Ok(None);
+        }
+        ActionResult::decode(&e.action_result[..]).map(Some).map_err(|e| KilnError::Internal(format!("peer's action result does not decode: {e}")))
+    }
+
+    /// The stored result of `action`, if every blob it references is present anywhere.
+    pub async fn ac_get(&self, instance: &str, action: &BlobDigest, inline: Inline<'_>) -> Result<Option<ActionResult>> {
+        let mut found = None;
+        for o in self.ac_owners(action) {
+            match self.ac_load_from(&o, instance, action).await {
+                Ok(Some(r)) => {
+                    found = Some(r);
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(node = o.id, error = %e, "action cache owner did not answer"),
+            }
+        }
+        let Some(mut result) = found else { return Ok(None) };
+        if !self.all_blobs_present(action.function, &result).await? {
+            tracing::info!(action = %action, "action result references evicted blobs: reported missing");
+            return Ok(None);
+        }
+        self.inline(action.function, &mut result, inline).await?;
+        Ok(Some(result))
+    }
+
+    /// Stores `result` on every owner. In write-once mode an existing, still complete result
+    /// stays and is returned instead.
+    pub async fn ac_update(&self, instance: &str, action: &BlobDigest, result: ActionResult) -> Result<ActionResult> {
+        validate_result(action.function, &result)?;
+        if self.ac_cfg.write_once {
+            if let Some(existing) = self.ac_get(instance, action, Inline { stdout: false, stderr: false, output_files: &[] }).await? {
+                if existing != result {
+                    tracing::info!(action = %action, "write-once action cache kept the first result");
+                }
+                return Ok(existing);
+            }
+        }
+        let writes = self.ac_owners(action).into_iter().map(|o| {
+            let r = result.clone();
+            let instance = instance.to_string();
+            let action = *action;
+            async move {
+                if o.id == self.node_id {
+                    let ac = self.local_ac.clone();
+                    return blocking(move || ac.put(&instance, &action, &r)).await;
+                }
+                let entry = ActionResultEntry {
+                    version: PEER_VERSION,
+                    key: Some(ActionResultKey { version: PEER_VERSION, instance_name: instance, action: Some(peer_digest(&action)) }),
+                    action_result: r.encode_to_vec(),
+                    found: true,
+                };
+                self.client(&o)?.put_action_result(entry).await.map_err(|s| KilnError::Unavailable(s.message().to_string()))?;
+                Ok(())
+            }
+        });
+        let results = futures::future::join_all(writes).await;
+        if !results.iter().any(|r| r.is_ok()) {
+            return Err(KilnError::Unavailable(format!("no owner of the action cache entry of {action} could store it")));
+        }
+        Ok(result)
+    }
+
+    async fn all_blobs_present(&self, f: DigestFunction, result: &ActionResult) -> Result<bool> {
+        fn push(f: DigestFunction, out: &mut Vec<BlobDigest>, d: Option<&reapi::Digest>) -> Result<()> {
+            if let Some(d) = d {
+                out.push(BlobDigest::from_proto(f, d)?);
+            }
+            Ok(())
+        }
+        let mut digests: Vec<BlobDigest> = Vec::new();
+        for o in &result.output_files {
+            push(f, &mut digests, o.digest.as_ref())?;
+        }
+        push(f, &mut digests, result.stdout_digest.as_ref())?;
+        push(f, &mut digests, result.stderr_digest.as_ref())?;
+        for dir in &result.output_directories {
+            // DIRECTORY_ONLY results name only the root Directory: its presence is checked,
+            // its files are the client's to fetch through GetTree.
+            push(f, &mut digests, dir.root_directory_digest.as_ref())?;
+            let Some(td) = dir.tree_digest.as_ref() else { continue };
+            let td = BlobDigest::from_proto(f, td)?;
+            let Some(bytes) = self.read_small(&td).await? else { return Ok(false) };
+            let tree = reapi::Tree::decode(bytes).map_err(|e| KilnError::Internal(format!("output tree {td} does not decode: {e}")))?;
+            for d in tree.root.iter().chain(tree.children.iter()) {
+                for file in &d.files {
+                    push(f, &mut digests, file.digest.as_ref())?;
+                }
+            }
+            if digests.len() > MAX_REFERENCED_BLOBS {
+                return Err(KilnError::invalid(format!("action result references over {MAX_REFERENCED_BLOBS} blobs")));
+            }
+        }
+        Ok(self.find_missing(digests).await?.is_empty())
+    }
+
+    async fn inline(&self, f: DigestFunction, r: &mut ActionResult, want: Inline<'_>) -> Result<()> {
+        let mut budget = self.ac_cfg.max_inline_bytes;
+        let mut fetched: HashMap<BlobDigest, Bytes> = HashMap::new();
+        let mut wanted: Vec<Option<reapi::Digest>> = Vec::new();
+        if want.stdout && r.stdout_raw.is_empty() {
+            wanted.push(r.stdout_digest.clone());
+        }
+        if want.stderr && r.stderr_raw.is_empty() {
+            wanted.push(r.stderr_digest.clone());
+        }
+        for o in &r.output_files {
+            if want.output_files.contains(&o.path) && o.contents.is_empty() {
+                wanted.push(o.digest.clone());
+            }
+        }
+        for d in wanted.into_iter().flatten() {
+            let d = BlobDigest::from_proto(f, &d)?;
+            if d.size > budget || fetched.contains_key(&d) {
+                continue;
+            }
+            if let Some(b) = self.read_small(&d).await? {
+                budget -= d.size;
+                fetched.insert(d, b);
+            }
+        }
+        let get = |d: &Option<reapi::Digest>| d.as_ref().and_then(|d| BlobDigest::from_proto(f, d).ok()).and_then(|d| fetched.get(&d)).map(|b| b.to_vec());
+        if want.stdout && r.stdout_raw.is_empty() {
+            r.stdout_raw = get(&r.stdout_digest).unwrap_or_default();
+        }
+        if want.stderr && r.stderr_raw.is_empty() {
+            r.stderr_raw = get(&r.stderr_digest).unwrap_or_default();
+        }
+        for o in r.output_files.iter_mut() {
+            if want.output_files.contains(&o.path) && o.contents.is_empty() {
+                o.contents = get(&o.digest).unwrap_or_default();
+            }
+        }
+        Ok(())
+    }
+}

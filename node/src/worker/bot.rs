@@ -1,0 +1,288 @@
+//! The bot loop of `kiln worker`: one Remote Workers API bot session per concurrency slot.
+//!
+//! Each slot creates a session with a stable bot id (`<name>-<slot>`: a restarted worker
+//! replaces its stale sessions at once, and their actions are requeued instead of waiting for
+//! a timeout), long-polls UpdateBotSession for a lease, runs it with the [`Executor`], sends
+//! keep-alives while it runs (and learns of cancellation from them), and reports the
+//! `ExecuteResponse` as the lease's result. Endpoints are tried in turn: a node that goes away
+//! only costs a reconnect, and a lease in progress is reported on the next node.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_proto::reapi::{Digest, ExecuteResponse};
+use kiln_proto::remoteworkers::{
+    bots_client::BotsClient, worker, BotSession, BotStatus, CreateBotSessionRequest, Lease, LeaseState,
+    UpdateBotSessionRequest, Worker,
+};
+use prost::Message;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use super::{Executor, ExecutorConfig};
+
+/// Time between keep-alives while an action runs: well under the server's bot silence limit.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+/// Deadline of a long-polling UpdateBotSession.
+const LONG_POLL: Duration = Duration::from_secs(25);
+/// Deadline of other calls.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+pub const LEASES_RUN: &str = "kiln_worker_leases_total";
+
+/// What a worker is told on the command line (or by `kiln dev`).
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// gRPC endpoints of cluster nodes, tried in turn (`http://host:port` or `grpc://host:port`).
+    pub endpoints: Vec<String>,
+    pub concurrency: usize,
+    pub work_dir: std::path::PathBuf,
+    pub platform: Vec<(String, String)>,
+    /// Stable name of this worker; bot ids are `<name>-<slot>`.
+    pub name: String,
+    /// Instance name the bot sessions are created under and the CAS is read through.
+    pub instance_name: String,
+    pub cache_max_bytes: u64,
+}
+
+fn channel_for(endpoint: &str) -> anyhow::Result<Channel> {
+    let url = match endpoint.strip_prefix("grpc://") {
+        Some(rest) => format!("http://{rest}"),
+        None if endpoint.contains("://") => endpoint.to_string(),
+        None => format!("http://{endpoint}"),
+    };
+    Ok(tonic::transport::Endpoint::from_shared(url)?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .connect_lazy())
+}
+
+/// Runs the worker until `shutdown` turns true; then ends its sessions (BOT_TERMINATING).
+pub async fn run(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    anyhow::ensure!(!opts.endpoints.is_empty(), "the worker needs at least one endpoint");
+    let executor = Arc::new(Executor::new(ExecutorConfig {
+        work_dir: opts.work_dir.clone(),
+        cache_max_bytes: opts.cache_max_bytes,
+        worker_name: opts.name.clone(),
+    })?);
+    let channels: Vec<Channel> = opts.endpoints.iter().map(|e| channel_for(e)).collect::<anyhow::Result<_>>()?;
+    let opts = Arc::new(opts);
+    tracing::info!(endpoints = ?opts.endpoints, concurrency = opts.concurrency, work_dir = %opts.work_dir.display(), "worker starting");
+    let mut slots = Vec::new();
+    for slot in 0..opts.concurrency {
+        let s = Slot {
+            bot_id: format!("{}-{slot}", opts.name),
+            opts: opts.clone(),
+            channels: channels.clone(),
+            endpoint: slot % channels.len(),
+            executor: executor.clone(),
+            shutdown: shutdown.clone(),
+            running: None,
+            finished: None,
+        };
+        slots.push(tokio::spawn(s.run()));
+    }
+    for s in slots {
+        let _ = s.await;
+    }
+    Ok(())
+}
+
+struct Running {
+    lease_id: String,
+    task: JoinHandle<ExecuteResponse>,
+    cancel: CancellationToken,
+}
+
+struct Slot {
+    bot_id: String,
+    opts: Arc<WorkerOptions>,
+    channels: Vec<Channel>,
+    endpoint: usize,
+    executor: Arc<Executor>,
+    shutdown: watch::Receiver<bool>,
+    running: Option<Running>,
+    /// A result not yet accepted by a node.
+    finished: Option<(String, ExecuteResponse)>,
+}
+
+enum SessionEnd {
+    Shutdown,
+    /// Reconnect (to the next endpoint) and open a new session.
+    Reconnect,
+}
+
+impl Slot {
+    fn worker(&self) -> Worker {
+        Worker {
+            properties: self.opts.platform.iter().map(|(k, v)| worker::Property { key: k.clone(), value: v.clone() }).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn session(&self, name: &str, status: BotStatus) -> BotSession {
+        let mut leases = Vec::new();
+        if let Some(r) = &self.running {
+            leases.push(Lease { id: r.lease_id.clone(), state: LeaseState::Active as i32, ..Default::default() });
+        }
+        if let Some((id, resp)) = &self.finished {
+            leases.push(Lease {
+                id: id.clone(),
+                state: LeaseState::Completed as i32,
+                result: Some(kiln_proto::convert::any_to_prost(kiln_proto::pack_any(crate::scheduler::EXECUTE_RESPONSE, resp))),
+                status: resp.status.clone().map(kiln_proto::convert::status_to_google),
+                ..Default::default()
+            });
+        }
+        BotSession {
+            name: name.to_string(),
+            bot_id: self.bot_id.clone(),
+            status: status as i32,
+            worker: Some(self.worker()),
+            leases,
+            ..Default::default()
+        }
+    }
+
+    /// Shutdown was asked for, or whoever could ask is gone.
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow() || self.shutdown.has_changed().is_err()
+    }
+
+    async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if self.stopping() {
+                return;
+            }
+            let channel = self.channels[self.endpoint].clone();
+            match self.session_loop(channel).await {
+                Ok(SessionEnd::Shutdown) => return,
+                Ok(SessionEnd::Reconnect) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(bot = %self.bot_id, endpoint = %self.opts.endpoints[self.endpoint], error = %e, "bot session failed; trying the next endpoint");
+                    self.endpoint = (self.endpoint + 1) % self.channels.len();
+                    let mut sd = self.shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = sd.wait_for(|s| *s) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    async fn session_loop(&mut self, channel: Channel) -> Result<SessionEnd, tonic::Status> {
+        let mut bots = BotsClient::new(channel.clone());
+        let mut req = tonic::Request::new(CreateBotSessionRequest {
+            parent: self.opts.instance_name.clone(),
+            bot_session: Some(self.session("", BotStatus::Ok)),
+        });
+        req.set_timeout(CALL_TIMEOUT);
+        let name = bots.create_bot_session(req).await?.into_inner().name;
+        tracing::info!(bot = %self.bot_id, session = %name, "bot session open");
+        loop {
+            let terminating = self.stopping();
+            if terminating {
+                if let Some(r) = self.running.take() {
+                    r.cancel.cancel();
+                    let _ = r.task.await;
+                }
+            }
+            let idle = self.running.is_none() && self.finished.is_none();
+            let status = if terminating { BotStatus::BotTerminating } else { BotStatus::Ok };
+            let mut req = tonic::Request::new(UpdateBotSessionRequest {
+                name: name.clone(),
+                bot_session: Some(self.session(&name, status)),
+                update_mask: None,
+            });
+            req.set_timeout(if idle { LONG_POLL } else { CALL_TIMEOUT });
+            let resp = match bots.update_bot_session(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    tracing::info!(bot = %self.bot_id, "session unknown to the server; opening a new one");
+                    return Ok(SessionEnd::Reconnect);
+                }
+                Err(s) if s.code() == tonic::Code::DeadlineExceeded && idle => continue,
+                Err(s) => return Err(s),
+            };
+            // The result we sent was accepted.
+            self.finished = None;
+            if terminating {
+                return Ok(SessionEnd::Shutdown);
+            }
+            for lease in resp.leases {
+                let state = LeaseState::try_from(lease.state).unwrap_or(LeaseState::Unspecified);
+                match (&self.running, state) {
+                    (Some(r), LeaseState::Cancelled) if r.lease_id == lease.id => {
+                        tracing::info!(lease = %lease.id, "lease cancelled by the server");
+                        r.cancel.cancel();
+                    }
+                    (None, LeaseState::Pending) => self.start(&channel, lease),
+                    _ => {}
+                }
+            }
+            self.wait_for_progress().await;
+        }
+    }
+
+    fn start(&mut self, channel: &Channel, lease: Lease) {
+        // The payload is the Action digest (BuildGrid's convention); servers of the older
+        // convention send the Action itself, which is then addressed by its own digest.
+        let digest = lease.payload.as_ref().and_then(|p| {
+            if p.type_url.ends_with("/build.bazel.remote.execution.v2.Action") {
+                Some(crate::digest::DigestFunction::Sha256.digest_of(&p.value).to_proto())
+            } else {
+                Digest::decode(&p.value[..]).ok()
+            }
+        });
+        let cancel = CancellationToken::new();
+        let (executor, channel, instance, token) =
+            (self.executor.clone(), channel.clone(), self.opts.instance_name.clone(), cancel.clone());
+        let operation = lease.id.split('#').next().unwrap_or(&lease.id).to_string();
+        let task = tokio::spawn(async move {
+            match digest {
+                Some(d) => {
+                    let logs = super::livelog::LiveLogs::create(&channel, &operation).await;
+                    executor.execute_live(channel, &instance, d, token, logs).await
+                }
+                None => ExecuteResponse {
+                    status: Some(kiln_proto::rpc_status(tonic::Code::InvalidArgument, "lease payload is not an Action digest", vec![])),
+                    ..Default::default()
+                },
+            }
+        });
+        metrics::counter!(LEASES_RUN).increment(1);
+        tracing::info!(bot = %self.bot_id, lease = %lease.id, "running lease");
+        self.running = Some(Running { lease_id: lease.id, task, cancel });
+    }
+
+    /// Waits until there is something to tell the server: the running action finished, a
+    /// keep-alive is due, or shutdown began. Returns at once when idle (the next call
+    /// long-polls).
+    async fn wait_for_progress(&mut self) {
+        let Some(r) = self.running.as_mut() else { return };
+        let mut sd = self.shutdown.clone();
+        tokio::select! {
+            res = &mut r.task => {
+                let resp = res.unwrap_or_else(|e| ExecuteResponse {
+                    status: Some(kiln_proto::rpc_status(tonic::Code::Internal, format!("action task failed: {e}"), vec![])),
+                    ..Default::default()
+                });
+                let r = self.running.take().expect("running");
+                self.finished = Some((r.lease_id, resp));
+            }
+            _ = tokio::time::sleep(KEEPALIVE) => {}
+            _ = sd.wait_for(|s| *s) => {}
+        }
+        if self.stopping() {
+            // Let the next update say BOT_TERMINATING at once.
+            tokio::task::yield_now().await;
+        }
+    }
+}

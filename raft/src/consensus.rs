@@ -1,0 +1,244 @@
+//! Opening a node's Raft and proposing commands to it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+
+use crate::command::{Command, CommandResult};
+use crate::log_store::LogStore;
+use crate::network::{PeerChannels, PeerNetwork};
+use kiln_proto::peer::{ProposeRequest, PEER_VERSION};
+use crate::state_machine::{SmShared, StateMachine};
+use crate::types::{Node, NodeId, Raft};
+
+/// Raft timing and compaction settings.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    /// Leader heartbeat interval. openraft's 50 ms default is too tight for a loaded 2-core box.
+    pub heartbeat: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// Take a snapshot (and allow purging the log before it) every this many entries.
+    pub snapshot_every_entries: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(250),
+            election_timeout_min: Duration::from_millis(1000),
+            election_timeout_max: Duration::from_millis(2000),
+            snapshot_every_entries: 5000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// This node is not the leader; the leader, if known, is named.
+    #[error("this node is not the Raft leader (leader: {leader:?})")]
+    NotLeader { leader: Option<(NodeId, String)> },
+    /// No quorum or the Raft core stopped.
+    #[error("scheduling state unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("raft storage: {0}")]
+    Storage(String),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// A node's Raft: the openraft handle plus the state readers share.
+#[derive(Clone)]
+pub struct Consensus {
+    pub raft: Raft,
+    pub shared: Arc<SmShared>,
+    pub node_id: NodeId,
+    /// Channels to the peers, shared with the Raft network.
+    pub channels: PeerChannels,
+}
+
+/// How long a proposal waits for a leader to be elected before giving up with UNAVAILABLE.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+/// Longest a proposal waits to be committed.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Format version of forwarded commands and results.
+const FORWARD_V1: u8 = 1;
+
+impl Consensus {
+    /// Opens the log and state machine in `db` and starts Raft. `initial_members` forms the
+    /// cluster on the very first start; a node that was initialized before ignores it (it never
+    /// re-initializes: its log already holds the membership).
+    pub async fn open(
+        node_id: NodeId,
+        db: &sled::Db,
+        settings: &RaftSettings,
+        initial_members: BTreeMap<NodeId, Node>,
+    ) -> Result<Self, OpenError> {
+        let config = openraft::Config {
+            cluster_name: "kiln".into(),
+            heartbeat_interval: settings.heartbeat.as_millis() as u64,
+            election_timeout_min: settings.election_timeout_min.as_millis() as u64,
+            election_timeout_max: settings.election_timeout_max.as_millis() as u64,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(settings.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: settings.snapshot_every_entries / 5,
+            ..Default::default()
+        };
+        let config = Arc::new(config.validate().map_err(|e| OpenError::Raft(e.to_string()))?);
+        let log = LogStore::open(db).map_err(|e| OpenError::Storage(e.to_string()))?;
+        let sm = StateMachine::open(db).map_err(|e| OpenError::Storage(e.to_string()))?;
+        let shared = sm.shared();
+        let channels = PeerChannels::default();
+        let network = PeerNetwork { channels: channels.clone() };
+        let raft = Raft::new(node_id, config, network, log, sm).await.map_err(|e| OpenError::Raft(e.to_string()))?;
+        // A node joining an existing cluster has no members to form a cluster with: the
+        // leader adds it.
+        if !initial_members.is_empty() && !raft.is_initialized().await.map_err(|e| OpenError::Raft(e.to_string()))? {
+            match raft.initialize(initial_members).await {
+                Ok(()) => tracing::info!(node_id, "raft cluster initialized"),
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(e) => return Err(OpenError::Raft(e.to_string())),
+            }
+        }
+        Ok(Self { raft, shared, node_id, channels })
+    }
+
+    /// Waits until some node is leader (or the timeout passes).
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Option<NodeId> {
+        let mut m = self.raft.metrics();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(l) = m.borrow().current_leader {
+                return Some(l);
+            }
+            if tokio::time::timeout_at(deadline, m.changed()).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+    }
+
+    /// Proposes `cmd` to the cluster: locally on the leader, forwarded one hop from a follower;
+    /// during an election it waits (bounded) for the new leader. Returns once the command is
+    /// committed and applied on the leader. A follower's own applied state catches up shortly
+    /// after; callers that read it back wait on its watch channels.
+    pub async fn propose_anywhere(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            match self.propose(cmd.clone()).await {
+                Err(ProposeError::NotLeader { leader: Some((id, addr)) }) if id != self.node_id => {
+                    match self.forward(&addr, &cmd).await {
+                        Ok((r, index)) => {
+                            self.wait_applied(index, LEADER_WAIT).await;
+                            return Ok(r);
+                        }
+                        // The leader this node knows may just have died: until the election
+                        // timeout names a new one, retry (commands are idempotent or refused
+                        // harmlessly when applied twice).
+                        Err(e) if tokio::time::Instant::now() < deadline => {
+                            tracing::debug!(error = %e, "forwarding failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(ProposeError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
+                    let _ = self.wait_for_leader(Duration::from_millis(500)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn forward(&self, addr: &str, cmd: &Command) -> Result<(CommandResult, u64), ProposeError> {
+        let mut client = self.channels.client(addr).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        let mut req = tonic::Request::new(ProposeRequest { version: PEER_VERSION, command: crate::codec::encode(FORWARD_V1, cmd) });
+        req.set_timeout(LEADER_WAIT);
+        let resp = client.propose(req).await.map_err(|s| ProposeError::Unavailable(format!("forwarding to the leader at {addr}: {}", s.message())))?;
+        let resp = resp.into_inner();
+        Ok((decode_forwarded(&resp.result).map_err(ProposeError::Unavailable)?, resp.log_index))
+    }
+
+    /// Waits (bounded) until this node applied the log up to `index`.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) {
+        let _ = self.raft.wait(Some(timeout)).applied_index_at_least(Some(index), "catching up").await;
+    }
+
+    /// A read barrier for followers: waits until this node applied everything the leader had
+    /// applied when asked. A no-op on the leader.
+    pub async fn catch_up(&self, timeout: Duration) {
+        let m = self.raft.metrics().borrow().clone();
+        let Some(leader) = m.current_leader.filter(|l| *l != self.node_id) else { return };
+        let Some(addr) = m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone()) else { return };
+        let Ok(mut client) = self.channels.client(&addr) else { return };
+        let mut req = tonic::Request::new(kiln_proto::peer::StatusRequest { version: PEER_VERSION });
+        req.set_timeout(timeout);
+        if let Ok(s) = client.status(req).await {
+            self.wait_applied(s.into_inner().last_applied_index, timeout).await;
+        }
+    }
+
+    /// Proposes locally and returns the result with its log index (for forwarded proposals).
+    pub async fn propose_indexed(&self, cmd: Command) -> Result<(CommandResult, u64), ProposeError> {
+        let Ok(written) = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd)).await else {
+            return Err(ProposeError::Unavailable(format!("no quorum within {} s", COMMIT_TIMEOUT.as_secs())));
+        };
+        match written {
+            Ok(r) => Ok((r.data, r.log_id.index)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::NotLeader {
+                leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+            }),
+            Err(e) => Err(ProposeError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Proposes `cmd` to this node's Raft and waits until it is applied here.
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
+        let kind = cmd.kind();
+        // A leader cut off from its quorum would wait forever: answer UNAVAILABLE instead.
+        let Ok(written) = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd)).await else {
+            return Err(ProposeError::Unavailable(format!("no quorum committed the {kind} command within {} s", COMMIT_TIMEOUT.as_secs())));
+        };
+        match written {
+            Ok(r) => Ok(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::NotLeader {
+                leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+            }),
+            Err(e) => {
+                tracing::warn!(command = kind, error = %e, "proposal failed");
+                Err(ProposeError::Unavailable(e.to_string()))
+            }
+        }
+    }
+}
+
+/// Encodes a forwarded command's result.
+pub fn encode_forwarded(r: &CommandResult) -> Vec<u8> {
+    crate::codec::encode(FORWARD_V1, r)
+}
+
+/// Decodes a forwarded command.
+pub fn decode_forwarded_command(bytes: &[u8]) -> Result<Command, String> {
+    let (v, body) = crate::codec::split(bytes).map_err(|e| e.to_string())?;
+    if v != FORWARD_V1 {
+        return Err(format!("forwarded command has format version {v}"));
+    }
+    crate::codec::decode_body(body).map_err(|e| e.to_string())
+}
+
+fn decode_forwarded(bytes: &[u8]) -> Result<CommandResult, String> {
+    let (v, body) = crate::codec::split(bytes).map_err(|e| e.to_string())?;
+    if v != FORWARD_V1 {
+        return Err(format!("forwarded result has format version {v}"));
+    }
+    crate::codec::decode_body(body).map_err(|e| e.to_string())
+}
