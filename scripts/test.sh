@@ -15,6 +15,11 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
+# A clean clone gains nothing from incremental caches; they would double the target dir.
+if [ "${CI:-}" = "true" ]; then
+  export CARGO_INCREMENTAL=0
+fi
+
 log "build (debug, all targets)"
 cargo build --workspace --all-targets
 
