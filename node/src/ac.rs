@@ -12,6 +12,7 @@ use prost::Message;
 
 use crate::digest::{BlobDigest, DigestFunction};
 use crate::error::{KilnError, Result};
+use crate::flush::GroupFlush;
 
 /// Format version of stored entries: the protobuf encoding of `ActionResult`.
 const AC_ENTRY_V1: u8 = 1;
@@ -19,7 +20,7 @@ const AC_ENTRY_V1: u8 = 1;
 #[derive(Clone)]
 pub struct ActionCacheStore {
     tree: sled::Tree,
-    db: sled::Db,
+    flush: GroupFlush,
 }
 
 fn key(instance: &str, d: &BlobDigest) -> Vec<u8> {
@@ -31,8 +32,8 @@ fn key(instance: &str, d: &BlobDigest) -> Vec<u8> {
 }
 
 impl ActionCacheStore {
-    pub fn open(db: &sled::Db) -> Result<Self> {
-        Ok(Self { tree: db.open_tree("action_cache")?, db: db.clone() })
+    pub fn open(db: &sled::Db, flush: GroupFlush) -> Result<Self> {
+        Ok(Self { tree: db.open_tree("action_cache")?, flush })
     }
 
     /// The stored result's protobuf bytes, unchecked (a peer asking for its replica).
@@ -51,8 +52,9 @@ impl ActionCacheStore {
         result.encode(&mut rec).map_err(|e| KilnError::Internal(e.to_string()))?;
         self.tree.insert(key(instance, action), rec)?;
         // Durability before acknowledgement: sled buffers writes in-process, so without this
-        // flush a kill -9 right after the answer could lose the entry.
-        self.db.flush()?;
+        // flush a kill -9 right after the answer could lose the entry. Concurrent updates
+        // share one flush.
+        self.flush.flush()?;
         Ok(())
     }
 

@@ -20,6 +20,7 @@ pub mod config;
 pub mod digest;
 pub mod error;
 pub mod events_cli;
+pub mod flush;
 pub mod http;
 pub mod logstream;
 pub mod metrics;

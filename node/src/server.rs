@@ -101,7 +101,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     crate::metrics::describe();
     let db = open_db(&cfg)?;
     let cas = BlobStore::open(&cfg, &db)?;
-    let ac = ActionCacheStore::open(&db)?;
+    let ac = ActionCacheStore::open(&db, cas.group_flush())?;
 
     let incoming = TcpIncoming::bind(cfg.node.listen)
         .map_err(|e| anyhow::anyhow!("binding gRPC on {}: {e}", cfg.node.listen))?

@@ -306,7 +306,7 @@ impl Storage {
         let local = self.local.clone();
         let ds: Vec<BlobDigest> = blobs.iter().map(|(d, _)| *d).collect();
         let n = blobs.len();
-        let stored = match blocking(move || Ok(blobs.into_iter().map(|(d, data)| local.put_checked(&d, data)).collect::<Vec<_>>())).await {
+        let stored = match blocking(move || Ok(local.put_checked_many(blobs))).await {
             Ok(v) => v,
             Err(e) => return (0..n).map(|_| Err(KilnError::Internal(e.to_string()))).collect(),
         };

@@ -7,7 +7,11 @@ use common::*;
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::WriteRequest;
 use kiln_proto::reapi::action_cache_client::ActionCacheClient;
-use kiln_proto::reapi::{ActionResult, FindMissingBlobsRequest, GetActionResultRequest, OutputFile, UpdateActionResultRequest};
+use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use kiln_proto::reapi::{
+    batch_update_blobs_request, ActionResult, BatchUpdateBlobsRequest, FindMissingBlobsRequest, GetActionResultRequest, OutputFile,
+    UpdateActionResultRequest,
+};
 use sha2::Digest as _;
 
 #[tokio::test]
@@ -40,12 +44,38 @@ async fn acknowledged_blobs_and_action_results_survive_kill_9() {
     for (i, b) in blobs.iter().enumerate() {
         assert_eq!(&c.read(&blob_resource("", &sha256(b))).await.unwrap(), b, "blob {i}");
     }
+
     let got = ActionCacheClient::new(c.channel.clone())
         .get_action_result(GetActionResultRequest { instance_name: "ci".into(), action_digest: Some(action), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(got, result);
+}
+
+/// Small blobs of a batch are kept inline in the index database, which buffers writes
+/// in-process: acknowledged, they must survive a `kill -9` right after the answer.
+#[tokio::test]
+async fn an_acknowledged_batch_of_small_blobs_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, c) = KilnProcess::dev(dir.path()).await;
+    let small: Vec<Vec<u8>> = (0..100).map(|i| pseudo_random(64 + i * 97, 1000 + i as u64)).collect();
+    let requests = small
+        .iter()
+        .map(|b| batch_update_blobs_request::Request { digest: Some(sha256(b)), data: b.clone(), compressor: 0 })
+        .collect();
+    let resp = ContentAddressableStorageClient::new(c.channel.clone())
+        .batch_update_blobs(BatchUpdateBlobsRequest { instance_name: String::new(), requests, digest_function: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.responses.iter().all(|r| r.status.as_ref().is_some_and(|s| s.code == 0)), "{resp:?}");
+    p.kill9();
+
+    let (_p, c) = KilnProcess::dev(dir.path()).await;
+    for (i, b) in small.iter().enumerate() {
+        assert_eq!(&c.read(&blob_resource("", &sha256(b))).await.unwrap(), b, "small blob {i} of the batch");
+    }
 }
 
 #[tokio::test]

@@ -120,3 +120,75 @@ fn blob_files_the_index_lost_are_found_after_an_unclean_start() {
     assert!(store.stored_bytes() >= 5000);
     let _ = BlobDigest::parse(DigestFunction::Sha256, &hex, 5000).unwrap();
 }
+
+/// Small blobs that arrive whole live in the index database, not in files; they are checked
+/// once per boot (a corrupt one is dropped, never served), found again after a crash that lost
+/// their index entry, and evicted like files.
+#[test]
+fn small_blobs_live_inline_checked_recovered_and_evicted() {
+    use kiln_node::cas::BlobStore;
+    use kiln_node::digest::DigestFunction;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.storage.inline_blob_max_bytes = 4096;
+    cfg.storage.protect_window_secs = 0;
+    cfg.storage.memory_tier_bytes = 0;
+    let open_db = || {
+        for _ in 0..200 {
+            if let Ok(db) = sled::open(dir.path().join("index")) {
+                return db;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!("index stays locked");
+    };
+    let small: Vec<Vec<u8>> = (0..3).map(|i| pseudo_random(4096 - i * 100, 300 + i as u64)).collect();
+    let large = pseudo_random(4097, 310);
+    let ds: Vec<_> = small.iter().chain([&large]).map(|b| DigestFunction::Sha256.digest_of(b)).collect();
+    let file_of = |i: usize| {
+        let hex = ds[i].hex();
+        dir.path().join("cas/sha256").join(&hex[..2]).join(&hex)
+    };
+    {
+        let db = open_db();
+        let store = BlobStore::open(&cfg, &db).unwrap();
+        let batch = small.iter().chain([&large]).zip(&ds).map(|(b, d)| (*d, bytes::Bytes::from(b.clone()))).collect();
+        assert!(store.put_checked_many(batch).iter().all(|r| r.is_ok()));
+        for i in 0..3 {
+            assert!(!file_of(i).exists(), "blob {i} of {} bytes became a file", small[i].len());
+        }
+        assert!(file_of(3).exists(), "a blob over the limit is a file");
+        assert_eq!(db.open_tree("cas_inline").unwrap().len(), 3);
+        for (d, b) in ds.iter().zip(small.iter().chain([&large])) {
+            assert_eq!(&store.read_all(d).unwrap().unwrap()[..], &b[..]);
+        }
+        store.close().unwrap();
+    }
+    {
+        // Bit rot in one inline blob, and the index entry of another lost as in a crash.
+        let db = open_db();
+        let inline = db.open_tree("cas_inline").unwrap();
+        let mut bad = small[0].clone();
+        bad[17] ^= 0x40;
+        inline.insert(ds[0].key(), bad).unwrap();
+        db.open_tree("cas_index").unwrap().remove(ds[1].key()).unwrap();
+        db.open_tree("meta").unwrap().remove("cas_index_clean").unwrap();
+        db.flush().unwrap();
+    }
+    let db = open_db();
+    let store = BlobStore::open(&cfg, &db).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !store.index_complete() {
+        assert!(std::time::Instant::now() < deadline, "the scan did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(store.read_all(&ds[0]).unwrap().is_none(), "a corrupt inline blob is never served");
+    assert_eq!(store.find_missing(&ds).unwrap(), vec![ds[0]]);
+    assert_eq!(&store.read_all(&ds[1]).unwrap().unwrap()[..], &small[1][..], "re-indexed after the lost entry");
+    assert_eq!(db.open_tree("cas_inline").unwrap().len(), 2, "the corrupt bytes are gone");
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    assert_eq!(store.evict_down_to(0).unwrap(), 3);
+    assert_eq!(store.stored_bytes(), 0);
+    assert_eq!(db.open_tree("cas_inline").unwrap().len(), 0, "eviction frees inline bytes");
+    assert!(!file_of(3).exists());
+}
