@@ -267,10 +267,6 @@ pub struct StorageConfig {
     /// Largest blob the memory tier holds, in bytes. Default 64 KiB.
     #[serde(default = "default_memory_tier_max_blob_bytes")]
     pub memory_tier_max_blob_bytes: u64,
-    /// Blobs up to this size that arrive whole (BatchUpdateBlobs, replicas) are kept in the
-    /// index database rather than one file each. Default 16 KiB; 0: always files.
-    #[serde(default = "default_inline_blob_max_bytes")]
-    pub inline_blob_max_bytes: u64,
     /// Memory sled may use for its page cache, in bytes. Default 64 MiB.
     #[serde(default = "default_index_cache_bytes")]
     pub index_cache_bytes: u64,
@@ -399,10 +395,6 @@ fn default_protect_window_secs() -> u64 {
 fn default_memory_tier_bytes() -> u64 {
     128 << 20
 }
-fn default_inline_blob_max_bytes() -> u64 {
-    16 * 1024
-}
-
 fn default_memory_tier_max_blob_bytes() -> u64 {
     64 << 10
 }
@@ -440,7 +432,6 @@ impl Default for StorageConfig {
             protect_window_secs: default_protect_window_secs(),
             memory_tier_bytes: default_memory_tier_bytes(),
             memory_tier_max_blob_bytes: default_memory_tier_max_blob_bytes(),
-            inline_blob_max_bytes: default_inline_blob_max_bytes(),
             index_cache_bytes: default_index_cache_bytes(),
             max_partial_uploads: default_max_partial_uploads(),
             partial_upload_ttl_secs: default_partial_upload_ttl_secs(),
@@ -524,9 +515,6 @@ impl Config {
         }
         if self.storage.fsync_batch_window_ms == 0 || self.storage.fsync_batch_window_ms > 10_000 {
             return invalid("storage.fsync_batch_window_ms", "must be between 1 and 10000");
-        }
-        if self.storage.inline_blob_max_bytes > 1024 * 1024 {
-            return invalid("storage.inline_blob_max_bytes", "must be at most 1 MiB (larger blobs belong in files)");
         }
         if self.storage.memory_tier_max_blob_bytes > self.storage.memory_tier_bytes && self.storage.memory_tier_bytes > 0 {
             return invalid("storage.memory_tier_max_blob_bytes", "must not exceed storage.memory_tier_bytes");

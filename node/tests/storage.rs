@@ -121,18 +121,15 @@ fn blob_files_the_index_lost_are_found_after_an_unclean_start() {
     let _ = BlobDigest::parse(DigestFunction::Sha256, &hex, 5000).unwrap();
 }
 
-/// Small blobs that arrive whole live in the index database, not in files; they are checked
-/// once per boot (a corrupt one is dropped, never served), found again after a crash that lost
-/// their index entry, and evicted like files.
+/// Whole blobs are written at their final path (no temp file and rename). A file a crash left
+/// there half-written, or full-length but wrong, is never served, and the blob can be stored
+/// again over it.
 #[test]
-fn small_blobs_live_inline_checked_recovered_and_evicted() {
+fn a_blob_file_a_crash_left_behind_is_never_served_and_is_replaced() {
     use kiln_node::cas::BlobStore;
     use kiln_node::digest::DigestFunction;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path());
-    cfg.storage.inline_blob_max_bytes = 4096;
-    cfg.storage.protect_window_secs = 0;
-    cfg.storage.memory_tier_bytes = 0;
+    let cfg = test_config(dir.path());
     let open_db = || {
         for _ in 0..200 {
             if let Ok(db) = sled::open(dir.path().join("index")) {
@@ -142,39 +139,30 @@ fn small_blobs_live_inline_checked_recovered_and_evicted() {
         }
         panic!("index stays locked");
     };
-    let small: Vec<Vec<u8>> = (0..3).map(|i| pseudo_random(4096 - i * 100, 300 + i as u64)).collect();
-    let large = pseudo_random(4097, 310);
-    let ds: Vec<_> = small.iter().chain([&large]).map(|b| DigestFunction::Sha256.digest_of(b)).collect();
-    let file_of = |i: usize| {
-        let hex = ds[i].hex();
-        dir.path().join("cas/sha256").join(&hex[..2]).join(&hex)
+    let half = pseudo_random(6000, 41);
+    let wrong = pseudo_random(6000, 42);
+    let dh = DigestFunction::Sha256.digest_of(&half);
+    let dw = DigestFunction::Sha256.digest_of(&wrong);
+    let path = |d: &kiln_node::digest::BlobDigest| {
+        let hex = d.hex();
+        dir.path().join("cas/sha256").join(&hex[..2]).join(hex)
     };
     {
         let db = open_db();
         let store = BlobStore::open(&cfg, &db).unwrap();
-        let batch = small.iter().chain([&large]).zip(&ds).map(|(b, d)| (*d, bytes::Bytes::from(b.clone()))).collect();
-        assert!(store.put_checked_many(batch).iter().all(|r| r.is_ok()));
-        for i in 0..3 {
-            assert!(!file_of(i).exists(), "blob {i} of {} bytes became a file", small[i].len());
-        }
-        assert!(file_of(3).exists(), "a blob over the limit is a file");
-        assert_eq!(db.open_tree("cas_inline").unwrap().len(), 3);
-        for (d, b) in ds.iter().zip(small.iter().chain([&large])) {
-            assert_eq!(&store.read_all(d).unwrap().unwrap()[..], &b[..]);
-        }
-        store.close().unwrap();
+        assert!(store.put_checked_many(vec![(dh, half.clone().into())]).iter().all(|r| r.is_ok()));
+        assert_eq!(std::fs::read(path(&dh)).unwrap(), half, "written at its final path");
+        assert_eq!(std::fs::read_dir(dir.path().join("cas/tmp")).unwrap().count(), 0, "no temp file left");
+        // No close(): this start ends like a crash.
     }
     {
-        // Bit rot in one inline blob, and the index entry of another lost as in a crash.
         let db = open_db();
-        let inline = db.open_tree("cas_inline").unwrap();
-        let mut bad = small[0].clone();
-        bad[17] ^= 0x40;
-        inline.insert(ds[0].key(), bad).unwrap();
-        db.open_tree("cas_index").unwrap().remove(ds[1].key()).unwrap();
-        db.open_tree("meta").unwrap().remove("cas_index_clean").unwrap();
+        db.open_tree("cas_index").unwrap().clear().unwrap();
         db.flush().unwrap();
     }
+    // What the crash left: the first half of one blob, and a full-length file of wrong bytes.
+    std::fs::write(path(&dh), &half[..3000]).unwrap();
+    std::fs::write(path(&dw), &half).unwrap();
     let db = open_db();
     let store = BlobStore::open(&cfg, &db).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -182,13 +170,10 @@ fn small_blobs_live_inline_checked_recovered_and_evicted() {
         assert!(std::time::Instant::now() < deadline, "the scan did not finish");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    assert!(store.read_all(&ds[0]).unwrap().is_none(), "a corrupt inline blob is never served");
-    assert_eq!(store.find_missing(&ds).unwrap(), vec![ds[0]]);
-    assert_eq!(&store.read_all(&ds[1]).unwrap().unwrap()[..], &small[1][..], "re-indexed after the lost entry");
-    assert_eq!(db.open_tree("cas_inline").unwrap().len(), 2, "the corrupt bytes are gone");
-    std::thread::sleep(std::time::Duration::from_millis(5));
-    assert_eq!(store.evict_down_to(0).unwrap(), 3);
-    assert_eq!(store.stored_bytes(), 0);
-    assert_eq!(db.open_tree("cas_inline").unwrap().len(), 0, "eviction frees inline bytes");
-    assert!(!file_of(3).exists());
+    assert_eq!(store.find_missing(&[dh]).unwrap(), vec![dh], "a half-written file is not the blob");
+    assert!(store.read_all(&dw).unwrap().is_none(), "a file whose bytes do not match is never served");
+    assert!(store.put_checked_many(vec![(dh, half.clone().into()), (dw, wrong.clone().into())]).iter().all(|r| r.is_ok()));
+    assert_eq!(&store.read_all(&dh).unwrap().unwrap()[..], &half[..]);
+    assert_eq!(&store.read_all(&dw).unwrap().unwrap()[..], &wrong[..]);
+    assert_eq!(std::fs::read(path(&dh)).unwrap(), half);
 }

@@ -1,9 +1,4 @@
 //! The blob store of one node: files, sled index, LRU eviction, fsync policy.
-//!
-//! Small blobs stored from memory (batch uploads, replicas) are kept inline in the index
-//! database instead of one file each: a batch of 500 costs a few sled inserts per blob and one
-//! shared flush, not 500 file creations and renames. Large blobs, and every blob streamed
-//! through ByteStream, are files.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -27,9 +22,8 @@ use crate::metrics as m;
 
 type Key = [u8; 1 + HASH_LEN];
 
-/// Format versions of [`IndexEntry`] records: v1 had no `inline` flag (every blob a file).
+/// Format version of [`IndexEntry`] records.
 const INDEX_ENTRY_V1: u8 = 1;
-const INDEX_ENTRY_V2: u8 = 2;
 /// Lock stripes serializing commit, eviction and corruption handling of the same blob.
 const STRIPES: usize = 64;
 /// Eviction frees space down to this fraction of the limit, so it does not run on every write.
@@ -47,30 +41,17 @@ struct IndexEntry {
     atime: u64,
     /// The boot counter of the last process that hashed the file and found it intact.
     verified_boot: u64,
-    /// The bytes are in the `cas_inline` tree, not in a file.
-    inline: bool,
-}
-
-/// [`IndexEntry`] as format v1 stored it.
-#[derive(Deserialize)]
-struct IndexEntryV1 {
-    size: u64,
-    atime: u64,
-    verified_boot: u64,
 }
 
 impl IndexEntry {
     fn encode(&self) -> Vec<u8> {
-        kiln_raft::codec::encode(INDEX_ENTRY_V2, self)
+        kiln_raft::codec::encode(INDEX_ENTRY_V1, self)
     }
 
     fn decode(bytes: &[u8]) -> Result<Self> {
         let (version, body) = kiln_raft::codec::split(bytes).map_err(|e| KilnError::Internal(e.to_string()))?;
         match version {
-            INDEX_ENTRY_V2 => kiln_raft::codec::decode_body(body).map_err(|e| KilnError::Internal(e.to_string())),
-            INDEX_ENTRY_V1 => kiln_raft::codec::decode_body::<IndexEntryV1>(body)
-                .map(|e| IndexEntry { size: e.size, atime: e.atime, verified_boot: e.verified_boot, inline: false })
-                .map_err(|e| KilnError::Internal(e.to_string())),
+            INDEX_ENTRY_V1 => kiln_raft::codec::decode_body(body).map_err(|e| KilnError::Internal(e.to_string())),
             v => Err(KilnError::Internal(format!("blob index entry has unknown format version {v}"))),
         }
     }
@@ -104,10 +85,6 @@ struct Inner {
     tmp_dir: PathBuf,
     db: sled::Db,
     index: sled::Tree,
-    /// `key` → bytes of the blobs kept inline (see the module doc).
-    inline: sled::Tree,
-    /// Blobs up to this size stored from memory are kept inline; 0: never.
-    inline_max: u64,
     flush: GroupFlush,
     /// `[atime big-endian][key]` → `()`: the eviction order.
     lru: sled::Tree,
@@ -175,7 +152,6 @@ impl BlobStore {
         db.flush()?;
         let index = db.open_tree("cas_index")?;
         let lru = db.open_tree("cas_lru")?;
-        let inline = db.open_tree("cas_inline")?;
         let mut total = 0u64;
         for item in index.iter() {
             let (_, v) = item?;
@@ -191,8 +167,6 @@ impl BlobStore {
             tmp_dir,
             db: db.clone(),
             index,
-            inline,
-            inline_max: cfg.storage.inline_blob_max_bytes,
             flush: GroupFlush::new(db.clone()),
             lru,
             boot,
@@ -272,20 +246,14 @@ impl BlobStore {
         self.reindex_if_on_disk(d)
     }
 
-    /// Indexes `d` if its file or inline bytes are in place (found after a crash), as not yet
-    /// verified.
+    /// Indexes `d` if its file is in place (found after a crash), as not yet verified.
     fn reindex_if_on_disk(&self, d: &BlobDigest) -> Result<Option<(IndexEntry, sled::IVec)>> {
         let key = d.key();
         let path = self.path_of(d);
-        let inline = match self.0.inline.get(key)? {
-            Some(v) if v.len() as u64 == d.size => Some(true),
-            _ => None,
-        };
-        let found = inline.or_else(|| std::fs::metadata(&path).ok().filter(|md| md.len() == d.size).map(|_| false));
-        match found {
-            Some(inline) => {
+        match std::fs::metadata(&path) {
+            Ok(md) if md.len() == d.size => {
                 let _g = self.stripe(&key);
-                let e = IndexEntry { size: d.size, atime: now_ms(), verified_boot: 0, inline };
+                let e = IndexEntry { size: d.size, atime: now_ms(), verified_boot: 0 };
                 let raw: sled::IVec = e.encode().into();
                 if self.0.index.compare_and_swap(key, None as Option<&[u8]>, Some(raw.clone()))?.is_ok() {
                     self.0.lru.insert(lru_key(e.atime, &key), &[])?;
@@ -303,7 +271,7 @@ impl BlobStore {
                     }
                 }
             }
-            None => Ok(None),
+            _ => Ok(None),
         }
     }
 
@@ -398,9 +366,6 @@ impl BlobStore {
             return Ok(None);
         }
         let Some((e, raw)) = self.lookup(d)? else { return Ok(None) };
-        if e.inline {
-            return self.open_inline(d, e, raw);
-        }
         let path = self.path_of(d);
         let mut file = match File::open(&path) {
             Ok(f) => f,
@@ -425,27 +390,6 @@ impl BlobStore {
         }
         self.touch(&key, &raw, &e)?;
         Ok(Some(OpenBlob::File(file, d.size)))
-    }
-
-    /// The bytes of an inline blob, checked against the digest once per boot.
-    fn open_inline(&self, d: &BlobDigest, e: IndexEntry, raw: sled::IVec) -> Result<Option<OpenBlob>> {
-        let key = d.key();
-        let Some(value) = self.0.inline.get(key)? else {
-            self.forget(d, "inline bytes missing")?;
-            return Ok(None);
-        };
-        if e.verified_boot != self.0.boot {
-            if check_content(d, &value).is_err() {
-                metrics::counter!(m::CAS_CORRUPT_BLOBS).increment(1);
-                tracing::error!(digest = %d, "inline blob bytes do not match the digest: dropped");
-                self.forget(d, "corrupt")?;
-                return Ok(None);
-            }
-            let verified = IndexEntry { verified_boot: self.0.boot, ..e };
-            let _ = self.0.index.compare_and_swap(key, Some(&raw), Some(verified.encode()))?;
-        }
-        self.touch(&key, &raw, &e)?;
-        Ok(Some(OpenBlob::Memory(Bytes::copy_from_slice(&value))))
     }
 
     /// Reads a whole blob into memory; for small blobs only (batch reads, inlining).
@@ -478,7 +422,6 @@ impl BlobStore {
                 self.add_total(-(e.size as i64));
             }
         }
-        self.0.inline.remove(key)?;
         let _ = std::fs::remove_file(self.path_of(d));
         tracing::warn!(digest = %d, why, "blob dropped");
         Ok(())
@@ -490,90 +433,60 @@ impl BlobStore {
         self.put_checked(d, data)
     }
 
-    /// Stores an in-memory blob whose size and hash the caller has just checked.
-    pub fn put_checked(&self, d: &BlobDigest, data: Bytes) -> Result<()> {
-        self.put_checked_many(vec![(*d, data)]).pop().expect("one result per blob")
-    }
-
-    /// Stores in-memory blobs whose sizes and hashes the caller has just checked, with one
-    /// shared flush for those kept inline. One result per blob, in order.
+    /// Stores in-memory blobs whose sizes and hashes the caller has just checked. One result
+    /// per blob, in order.
     pub fn put_checked_many(&self, blobs: Vec<(BlobDigest, Bytes)>) -> Vec<Result<()>> {
-        let mut inlined = false;
-        let mut results: Vec<Result<()>> = blobs
-            .into_iter()
-            .map(|(d, data)| {
-                if d.is_empty_blob() || self.contains(&d)? {
-                    return Ok(());
-                }
-                if d.size <= self.0.inline_max {
-                    self.commit_inline(&d, &data)?;
-                    inlined = true;
-                } else {
-                    self.write_file(&d, &data)?;
-                }
-                self.0.memory.lock().insert(d.key(), data);
-                Ok(())
-            })
-            .collect();
-        if inlined && self.0.fsync != FsyncPolicy::Never {
-            // sled buffers in-process: without this a kill -9 right after the answer could
-            // lose acknowledged blobs.
-            if let Err(e) = self.0.flush.flush() {
-                let msg = e.to_string();
-                for r in results.iter_mut().filter(|r| r.is_ok()) {
-                    *r = Err(KilnError::Internal(msg.clone()));
-                }
-            }
-        }
-        results
+        blobs.into_iter().map(|(d, data)| self.put_checked(&d, data)).collect()
     }
 
-    /// Stores a small blob in the index database (the caller flushes).
-    fn commit_inline(&self, d: &BlobDigest, data: &[u8]) -> Result<()> {
+    /// Stores an in-memory blob whose size and hash the caller has just checked.
+    ///
+    /// The file is created at its final path, not written aside and renamed: a rename costs
+    /// as much as the rest of a small blob's write, and the temp directory's lock, shared by
+    /// every writer, serialises them. This is safe because the index entry, added once the
+    /// bytes are written, is what makes a blob exist; a file a crash left half-written has
+    /// none, and the start-up scan indexes it as unverified, so its first read hashes it and
+    /// drops it.
+    pub fn put_checked(&self, d: &BlobDigest, data: Bytes) -> Result<()> {
+        if d.is_empty_blob() || self.contains(d)? {
+            return Ok(());
+        }
         self.make_room(d.size)?;
-        let key = d.key();
-        let now = now_ms();
-        let _g = self.stripe(&key);
-        // Bytes before the index entry: a crash that keeps a prefix of sled's log never leaves
-        // an entry without its bytes.
-        self.0.inline.insert(key, data)?;
-        let e = IndexEntry { size: d.size, atime: now, verified_boot: self.0.boot, inline: true };
-        self.index_new_entry(&key, &e)?;
-        metrics::counter!(m::CAS_BLOBS_WRITTEN).increment(1);
-        metrics::counter!(m::CAS_BYTES_WRITTEN).increment(d.size);
-        Ok(())
-    }
-
-    /// Records a new index entry for `key` (replacing any), with its LRU record and size.
-    /// The caller holds the key's stripe.
-    fn index_new_entry(&self, key: &Key, e: &IndexEntry) -> Result<()> {
-        match self.0.index.insert(key, e.encode())? {
-            Some(old) => {
-                if let Ok(old) = IndexEntry::decode(&old) {
-                    self.0.lru.remove(lru_key(old.atime, key))?;
-                    self.add_total(e.size as i64 - old.size as i64);
+        let path = self.path_of(d);
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(mut f) => {
+                if let Err(e) = f.write_all(&data) {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(KilnError::io(format!("writing blob {d}"), e));
                 }
+                self.place_and_index(d, None, f)?;
             }
-            None => self.add_total(e.size as i64),
+            // A file is there: another writer of the same blob, or one a crash left. Write
+            // aside and rename over it, which is atomic for readers.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let tmp = self.tmp_path();
+                let mut f = File::create(&tmp).map_err(|e| KilnError::io(format!("creating {}", tmp.display()), e))?;
+                if let Err(e) = f.write_all(&data) {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(KilnError::io(format!("writing blob {d}"), e));
+                }
+                self.place_and_index(d, Some(&tmp), f)?;
+            }
+            Err(e) => return Err(KilnError::io(format!("creating blob file of {d}"), e)),
         }
-        self.0.lru.insert(lru_key(e.atime, key), &[])?;
+        self.0.memory.lock().insert(d.key(), data);
         Ok(())
-    }
-
-    /// Writes an in-memory blob as a file and commits it.
-    fn write_file(&self, d: &BlobDigest, data: &[u8]) -> Result<()> {
-        let tmp = self.tmp_path();
-        let mut f = File::create(&tmp).map_err(|e| KilnError::io(format!("creating {}", tmp.display()), e))?;
-        if let Err(e) = f.write_all(data) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(KilnError::io(format!("writing blob {d}"), e));
-        }
-        self.commit(d, &tmp, f)
     }
 
     /// Moves a fully written, verified temp file into place and indexes it.
     pub(super) fn commit(&self, d: &BlobDigest, tmp: &Path, file: File) -> Result<()> {
         self.make_room(d.size)?;
+        self.place_and_index(d, Some(tmp), file)
+    }
+
+    /// Renames `tmp` (if any) to the blob's path and indexes it, syncing as the policy says.
+    /// The caller has made room.
+    fn place_and_index(&self, d: &BlobDigest, tmp: Option<&Path>, file: File) -> Result<()> {
         let path = self.path_of(d);
         if self.0.fsync == FsyncPolicy::Always {
             file.sync_data().map_err(|e| KilnError::io(format!("fsync of blob {d}"), e))?;
@@ -582,17 +495,26 @@ impl BlobStore {
         let now = now_ms();
         {
             let _g = self.stripe(&key);
-            std::fs::rename(tmp, &path).map_err(|e| KilnError::io(format!("renaming blob {d} into place"), e))?;
-            let e = IndexEntry { size: d.size, atime: now, verified_boot: self.0.boot, inline: false };
-            self.index_new_entry(&key, &e)?;
-            // A blob replaced by its file (it was inline before a crash lost its entry).
-            self.0.inline.remove(key)?;
+            if let Some(tmp) = tmp {
+                std::fs::rename(tmp, &path).map_err(|e| KilnError::io(format!("renaming blob {d} into place"), e))?;
+            }
+            let e = IndexEntry { size: d.size, atime: now, verified_boot: self.0.boot };
+            match self.0.index.insert(key, e.encode())? {
+                Some(old) => {
+                    if let Ok(old) = IndexEntry::decode(&old) {
+                        self.0.lru.remove(lru_key(old.atime, &key))?;
+                        self.add_total(d.size as i64 - old.size as i64);
+                    }
+                }
+                None => self.add_total(d.size as i64),
+            }
+            self.0.lru.insert(lru_key(now, &key), &[])?;
         }
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         match self.0.fsync {
             FsyncPolicy::Always => {
                 sync_dir(&dir).map_err(|e| KilnError::io(format!("fsync of {}", dir.display()), e))?;
-                self.0.db.flush()?;
+                self.0.flush.flush()?;
             }
             FsyncPolicy::Batch => {
                 if let Some(tx) = &self.0.syncer {
@@ -673,11 +595,7 @@ impl BlobStore {
             let mut hash = [0u8; HASH_LEN];
             hash.copy_from_slice(&key[1..]);
             let d = BlobDigest { function, hash, size: e.size };
-            if e.inline {
-                self.0.inline.remove(key)?;
-            } else {
-                let _ = std::fs::remove_file(self.path_of(&d));
-            }
+            let _ = std::fs::remove_file(self.path_of(&d));
             self.add_total(-(e.size as i64));
             evicted += 1;
         }
@@ -734,19 +652,9 @@ impl BlobStore {
         Ok(())
     }
 
-    /// Walks every blob file and inline blob and indexes those the index lacks. Returns how many.
+    /// Walks every blob file and indexes those the index lacks. Returns how many.
     fn reindex_files(&self) -> Result<usize> {
         let mut n = 0;
-        for item in self.0.inline.iter() {
-            let (k, v) = item?;
-            let (Some(f), true) = (k.first().and_then(|b| DigestFunction::from_key_byte(*b)), k.len() == 1 + HASH_LEN) else { continue };
-            let mut hash = [0u8; HASH_LEN];
-            hash.copy_from_slice(&k[1..]);
-            let d = BlobDigest { function: f, hash, size: v.len() as u64 };
-            if self.0.index.get(d.key())?.is_none() && self.reindex_if_on_disk(&d)?.is_some() {
-                n += 1;
-            }
-        }
         for f in DigestFunction::ALL {
             let fdir = self.0.dir.join(f.name());
             for shard in 0..=255u8 {
