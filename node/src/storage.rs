@@ -48,6 +48,8 @@ const MAX_REFERENCED_BLOBS: usize = 100_000;
 
 /// Blobs examined per step of a repair pass.
 const REPAIR_PAGE: usize = 1000;
+/// Presence checks up to this many digests run on the calling task, not a blocking thread.
+const INLINE_INDEX_READS: usize = 64;
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RepairStats {
@@ -104,8 +106,7 @@ impl Storage {
     /// The digests of `ds` no owner holds (in request order).
     pub async fn find_missing(&self, ds: Vec<BlobDigest>) -> Result<Vec<BlobDigest>> {
         if self.is_alone() {
-            let local = self.local.clone();
-            return blocking(move || local.find_missing(&ds)).await;
+            return self.local_find_missing(ds).await;
         }
         // Round r asks each digest's r-th owner, one batched call per node, all nodes at once;
         // what an owner lacks (or an owner that did not answer) goes on to the next owner: a
@@ -138,11 +139,19 @@ impl Storage {
         Ok(ds.into_iter().filter(|d| still.contains(d)).collect())
     }
 
+    /// The digests of `ds` this node lacks. A few index reads run in place: handing them to a
+    /// blocking thread and back costs more than the reads (Action Cache hits check a handful).
+    async fn local_find_missing(&self, ds: Vec<BlobDigest>) -> Result<Vec<BlobDigest>> {
+        if ds.len() <= INLINE_INDEX_READS {
+            return self.local.find_missing(&ds);
+        }
+        let local = self.local.clone();
+        blocking(move || local.find_missing(&ds)).await
+    }
+
     async fn missing_at(&self, o: &Owner, part: &[BlobDigest]) -> Result<Vec<BlobDigest>> {
         if o.id == self.node_id || o.addr.is_empty() {
-            let local = self.local.clone();
-            let part = part.to_vec();
-            return blocking(move || local.find_missing(&part)).await;
+            return self.local_find_missing(part.to_vec()).await;
         }
         let req = HasBlobsRequest { version: PEER_VERSION, digests: part.iter().map(peer_digest).collect() };
         let present = self.client(o)?.has_blobs(req).await.map_err(|s| KilnError::Unavailable(s.message().to_string()))?.into_inner().present;
@@ -483,9 +492,8 @@ impl Storage {
 
     async fn ac_load_from(&self, o: &Owner, instance: &str, action: &BlobDigest) -> Result<Option<ActionResult>> {
         if o.id == self.node_id {
-            let ac = self.local_ac.clone();
-            let (i, a) = (instance.to_string(), *action);
-            return blocking(move || ac.load(&i, &a)).await;
+            // One index read: in place, like small presence checks.
+            return self.local_ac.load(instance, action);
         }
         let key = ActionResultKey { version: PEER_VERSION, instance_name: instance.to_string(), action: Some(peer_digest(action)) };
         let e = self.client(o)?.get_action_result(key).await.map_err(|s| KilnError::Unavailable(s.message().to_string()))?.into_inner();

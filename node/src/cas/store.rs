@@ -28,6 +28,8 @@ const INDEX_ENTRY_V1: u8 = 1;
 const STRIPES: usize = 64;
 /// Eviction frees space down to this fraction of the limit, so it does not run on every write.
 const EVICT_LOW_WATERMARK: f64 = 0.9;
+/// Entries of the presence cache (about 100 bytes each).
+const PRESENCE_CACHE_ENTRIES: usize = 256 * 1024;
 /// Longest delay between a touch and its record in the index. Touches inside it are not
 /// written again: FindMissingBlobs of 10,000 present blobs costs 10,000 index reads, not writes.
 const MAX_TOUCH_GRANULARITY: Duration = Duration::from_secs(60);
@@ -92,6 +94,11 @@ struct Inner {
     fsync: FsyncPolicy,
     syncer: Option<std::sync::mpsc::SyncSender<SyncJob>>,
     memory: Mutex<MemoryTier>,
+    /// Blobs recently found or stored, with their size and recorded access time: a presence
+    /// check whose blob is here, touched within the touch granularity, needs no index read.
+    /// Such a blob is inside its protect window, so eviction cannot take it meanwhile; the
+    /// paths that drop a blob otherwise (corruption, a copy moved to its owners) remove it.
+    presence: Mutex<lru::LruCache<Key, (u64, u64)>>,
     total_bytes: AtomicU64,
     max_size: u64,
     protect_ms: u64,
@@ -172,6 +179,7 @@ impl BlobStore {
             boot,
             fsync: cfg.storage.fsync,
             syncer,
+            presence: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(PRESENCE_CACHE_ENTRIES).expect("non-zero"))),
             memory: Mutex::new(MemoryTier::new(cfg.storage.memory_tier_bytes, cfg.storage.memory_tier_max_blob_bytes)),
             total_bytes: AtomicU64::new(total),
             max_size: cfg.storage.max_size_bytes,
@@ -309,8 +317,23 @@ impl BlobStore {
         if d.is_empty_blob() {
             return Ok(true);
         }
+        let key = d.key();
+        let now = now_ms();
+        let fresh = |atime: u64| now >= atime && now - atime <= self.0.touch_granularity_ms;
+        if let Some(&(size, atime)) = self.0.presence.lock().get(&key) {
+            if size == d.size && fresh(atime) {
+                return Ok(true);
+            }
+        }
         match self.lookup(d)? {
-            Some((e, raw)) => self.touch(&d.key(), &raw, &e),
+            Some((e, raw)) => {
+                let present = self.touch(&key, &raw, &e)?;
+                if present {
+                    let recorded = if fresh(e.atime) { e.atime } else { now };
+                    self.0.presence.lock().put(key, (e.size, recorded));
+                }
+                Ok(present)
+            }
             None => Ok(false),
         }
     }
@@ -328,7 +351,9 @@ impl BlobStore {
             }
             Ok(missing)
         };
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4);
+        // Asked once: std reads cgroup files on every call, which cost more than a small check.
+        static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let threads = (*CORES.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))).min(4);
         if ds.len() <= PARALLEL_ABOVE || threads < 2 {
             return check(ds);
         }
@@ -416,6 +441,7 @@ impl BlobStore {
         let key = d.key();
         let _g = self.stripe(&key);
         self.0.memory.lock().remove(&key);
+        self.0.presence.lock().pop(&key);
         if let Some(raw) = self.0.index.remove(key)? {
             if let Ok(e) = IndexEntry::decode(&raw) {
                 self.0.lru.remove(lru_key(e.atime, &key))?;
@@ -509,6 +535,7 @@ impl BlobStore {
                 None => self.add_total(d.size as i64),
             }
             self.0.lru.insert(lru_key(now, &key), &[])?;
+            self.0.presence.lock().put(key, (d.size, now));
         }
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         match self.0.fsync {
@@ -591,6 +618,7 @@ impl BlobStore {
             }
             self.0.lru.remove(&k)?;
             self.0.memory.lock().remove(&key);
+            self.0.presence.lock().pop(&key);
             let Some(function) = DigestFunction::from_key_byte(key[0]) else { continue };
             let mut hash = [0u8; HASH_LEN];
             hash.copy_from_slice(&key[1..]);
