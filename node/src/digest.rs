@@ -142,12 +142,26 @@ impl BlobDigest {
     }
 
     pub fn parse(function: DigestFunction, hash_hex: &str, size: i64) -> Result<Self, DigestError> {
+        // One pass, lowercase only (REAPI hashes are lowercase hex). This runs once per digest
+        // of every FindMissingBlobs, so it avoids the general-purpose decoder.
+        fn nibble(c: u8) -> Option<u8> {
+            match c {
+                b'0'..=b'9' => Some(c - b'0'),
+                b'a'..=b'f' => Some(c - b'a' + 10),
+                _ => None,
+            }
+        }
+        let bad = || DigestError::BadHash(hash_hex.to_string(), HASH_LEN * 2);
+        let bytes = hash_hex.as_bytes();
+        if bytes.len() != HASH_LEN * 2 {
+            return Err(bad());
+        }
         let mut hash = [0u8; HASH_LEN];
-        let valid = hash_hex.len() == HASH_LEN * 2
-            && hash_hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            && hex::decode_to_slice(hash_hex, &mut hash).is_ok();
-        if !valid {
-            return Err(DigestError::BadHash(hash_hex.to_string(), HASH_LEN * 2));
+        for (out, pair) in hash.iter_mut().zip(bytes.chunks_exact(2)) {
+            match (nibble(pair[0]), nibble(pair[1])) {
+                (Some(hi), Some(lo)) => *out = hi << 4 | lo,
+                _ => return Err(bad()),
+            }
         }
         if size < 0 {
             return Err(DigestError::NegativeSize(hash_hex.to_string(), size));
@@ -156,7 +170,13 @@ impl BlobDigest {
     }
 
     pub fn hex(&self) -> String {
-        hex::encode(self.hash)
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = Vec::with_capacity(HASH_LEN * 2);
+        for b in self.hash {
+            out.push(DIGITS[(b >> 4) as usize]);
+            out.push(DIGITS[(b & 15) as usize]);
+        }
+        String::from_utf8(out).expect("hex digits are ASCII")
     }
 
     pub fn to_proto(&self) -> reapi::Digest {
@@ -227,6 +247,21 @@ mod tests {
         assert!(BlobDigest::parse(DigestFunction::Sha256, upper, 0).is_err());
         let ok = DigestFunction::Sha256.empty().hex();
         assert!(matches!(BlobDigest::parse(DigestFunction::Sha256, &ok, -1), Err(DigestError::NegativeSize(..))));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hex_round_trips_and_any_non_hex_character_is_refused(hash in proptest::array::uniform32(0u8..), at in 0usize..64, c in proptest::char::any()) {
+            let d = BlobDigest { function: DigestFunction::Sha256, hash, size: 7 };
+            let hex = d.hex();
+            proptest::prop_assert_eq!(&hex, &hex::encode(hash));
+            proptest::prop_assert_eq!(BlobDigest::parse(DigestFunction::Sha256, &hex, 7).unwrap(), d);
+            let mut chars: Vec<char> = hex.chars().collect();
+            chars[at] = c;
+            let changed: String = chars.into_iter().collect();
+            let is_hex = c.is_ascii_digit() || ('a'..='f').contains(&c);
+            proptest::prop_assert_eq!(BlobDigest::parse(DigestFunction::Sha256, &changed, 7).is_ok(), is_hex);
+        }
     }
 
     #[test]

@@ -98,7 +98,7 @@ struct Inner {
     /// check whose blob is here, touched within the touch granularity, needs no index read.
     /// Such a blob is inside its protect window, so eviction cannot take it meanwhile; the
     /// paths that drop a blob otherwise (corruption, a copy moved to its owners) remove it.
-    presence: Mutex<lru::LruCache<Key, (u64, u64)>>,
+    presence: Mutex<lru::LruCache<Key, (u64, u64), foldhash::fast::RandomState>>,
     total_bytes: AtomicU64,
     max_size: u64,
     protect_ms: u64,
@@ -179,7 +179,11 @@ impl BlobStore {
             boot,
             fsync: cfg.storage.fsync,
             syncer,
-            presence: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(PRESENCE_CACHE_ENTRIES).expect("non-zero"))),
+            // A seeded fast hasher: the keys are client-chosen, SipHash's cost showed in profiles.
+            presence: Mutex::new(lru::LruCache::with_hasher(
+                std::num::NonZeroUsize::new(PRESENCE_CACHE_ENTRIES).expect("non-zero"),
+                foldhash::fast::RandomState::default(),
+            )),
             memory: Mutex::new(MemoryTier::new(cfg.storage.memory_tier_bytes, cfg.storage.memory_tier_max_blob_bytes)),
             total_bytes: AtomicU64::new(total),
             max_size: cfg.storage.max_size_bytes,
@@ -343,9 +347,22 @@ impl BlobStore {
     pub fn find_missing(&self, ds: &[BlobDigest]) -> Result<Vec<BlobDigest>> {
         const PARALLEL_ABOVE: usize = 2048;
         let check = |part: &[BlobDigest]| -> Result<Vec<BlobDigest>> {
+            // First the presence cache, under one lock; the rest through the index.
+            let now = now_ms();
+            let cached: Vec<bool> = {
+                let mut cache = self.0.presence.lock();
+                part.iter()
+                    .map(|d| {
+                        d.is_empty_blob()
+                            || cache.get(&d.key()).is_some_and(|&(size, atime)| {
+                                size == d.size && now >= atime && now - atime <= self.0.touch_granularity_ms
+                            })
+                    })
+                    .collect()
+            };
             let mut missing = Vec::new();
-            for d in part {
-                if !self.contains(d)? {
+            for (d, hit) in part.iter().zip(cached) {
+                if !hit && !self.contains(d)? {
                     missing.push(*d);
                 }
             }
