@@ -351,7 +351,7 @@ impl BlobStore {
             // cheaper so); the rest through the index.
             let now = now_ms();
             let cached: Vec<bool> = {
-                let mut cache = self.0.presence.lock();
+                let cache = self.0.presence.lock();
                 part.iter()
                     .map(|d| {
                         d.is_empty_blob()
