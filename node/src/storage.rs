@@ -27,7 +27,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use kiln_proto::peer::{ActionResultEntry, ActionResultKey, BlobChunk, HasBlobsRequest, ReadBlobRequest, UploadKey, PEER_VERSION};
+use kiln_proto::peer::{
+    ActionResultEntry, ActionResultKey, BlobChunk, HasBlobsRequest, PutBlobsRequest, ReadBlobRequest, UploadKey, WholeBlob, PEER_VERSION,
+};
 use kiln_proto::reapi::{self, ActionResult};
 use kiln_raft::network::PeerChannels;
 use prost::Message;
@@ -314,6 +316,7 @@ impl Storage {
     pub async fn put_checked_many(&self, blobs: Vec<(BlobDigest, Bytes)>) -> Vec<Result<()>> {
         let local = self.local.clone();
         let ds: Vec<BlobDigest> = blobs.iter().map(|(d, _)| *d).collect();
+        let datas: Vec<Bytes> = blobs.iter().map(|(_, b)| b.clone()).collect();
         let n = blobs.len();
         let stored = match blocking(move || Ok(local.put_checked_many(blobs))).await {
             Ok(v) => v,
@@ -322,15 +325,64 @@ impl Storage {
         if self.is_alone() {
             return stored;
         }
+        self.replicate_many(ds, datas, stored).await
+    }
+
+    /// Replicates blobs just stored here: one `PutBlobs` per owner with all its blobs, then,
+    /// for any blob an owner did not take that way (down, or too old to serve `PutBlobs`), the
+    /// per-blob path with its checks. A blob fails only if no owner holds it.
+    async fn replicate_many(&self, ds: Vec<BlobDigest>, datas: Vec<Bytes>, stored: Vec<Result<()>>) -> Vec<Result<()>> {
+        let mut stored_by: Vec<usize> = vec![0; ds.len()];
+        let mut retry: Vec<bool> = vec![false; ds.len()];
+        let mut by_node: BTreeMap<u64, (Owner, Vec<usize>)> = BTreeMap::new();
+        for (i, d) in ds.iter().enumerate() {
+            if stored[i].is_err() || d.is_empty_blob() {
+                continue;
+            }
+            for o in self.owners(d) {
+                if o.id == self.node_id {
+                    stored_by[i] += 1;
+                } else {
+                    by_node.entry(o.id).or_insert_with(|| (o, Vec::new())).1.push(i);
+                }
+            }
+        }
+        let puts = by_node.into_values().map(|(o, idx)| {
+            let blobs: Vec<WholeBlob> = idx.iter().map(|&i| WholeBlob { digest: Some(peer_digest(&ds[i])), data: datas[i].to_vec() }).collect();
+            async move {
+                let req = PutBlobsRequest { version: PEER_VERSION, blobs };
+                match self.client(&o) {
+                    Ok(mut c) => match c.put_blobs(req).await {
+                        Ok(r) => idx.into_iter().zip(r.into_inner().errors.into_iter().map(|e| e.is_empty()).chain(std::iter::repeat(false))).collect::<Vec<(usize, bool)>>(),
+                        Err(e) => {
+                            tracing::debug!(node = o.id, error = %e, "batched replica write failed; writing one by one");
+                            idx.into_iter().map(|i| (i, false)).collect()
+                        }
+                    },
+                    Err(_) => idx.into_iter().map(|i| (i, false)).collect(),
+                }
+            }
+        });
+        for (i, ok) in futures::future::join_all(puts).await.into_iter().flatten() {
+            if ok {
+                stored_by[i] += 1;
+            } else {
+                retry[i] = true;
+            }
+        }
         let this = self.clone();
-        futures::stream::iter(ds.into_iter().zip(stored).map(move |(d, r)| {
+        futures::stream::iter(ds.into_iter().zip(stored).zip(stored_by.into_iter().zip(retry)).map(move |((d, r), (n, again))| {
             let this = this.clone();
             async move {
                 r?;
-                if d.is_empty_blob() {
+                if d.is_empty_blob() || (n > 0 && !again) {
                     return Ok(());
                 }
-                this.replicate(&d).await
+                let pushed = this.replicate(&d).await;
+                if n > 0 {
+                    return Ok(());
+                }
+                pushed
             }
         }))
         .buffered(16)

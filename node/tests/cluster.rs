@@ -451,3 +451,46 @@ async fn a_running_actions_output_is_read_live_through_a_node_its_worker_does_no
     assert_eq!(all, b"live\ndone\n");
     assert_eq!(run_to_end(s).await.result.unwrap().exit_code, 0);
 }
+
+/// A BatchUpdateBlobs through one node is on every owner of each blob when it is answered
+/// (one batched peer write per owner), and a peer refuses replicas whose bytes do not match.
+#[tokio::test]
+async fn a_batch_through_one_node_is_on_every_owner_when_acknowledged() {
+    use kiln_proto::reapi::{batch_update_blobs_request, BatchUpdateBlobsRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_cluster(dir.path()).await;
+    let members: Vec<(u64, std::net::SocketAddr)> = nodes.iter().enumerate().map(|(i, n)| (i as u64 + 1, n.grpc)).collect();
+    let blobs: Vec<Vec<u8>> = (0..60).map(|i| pseudo_random(100 + i * 70, 7000 + i as u64)).collect();
+    let requests = blobs.iter().map(|b| batch_update_blobs_request::Request { digest: Some(sha256(b)), data: b.clone(), compressor: 0 }).collect();
+    let resp = ContentAddressableStorageClient::new(nodes[0].client.channel.clone())
+        .batch_update_blobs(BatchUpdateBlobsRequest { instance_name: String::new(), requests, digest_function: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.responses.iter().all(|r| r.status.as_ref().is_some_and(|s| s.code == 0)), "{resp:?}");
+    for b in &blobs {
+        let d = sha256(b);
+        for owner in owners_of(&d, &members) {
+            assert!(holds(&nodes[owner as usize - 1].client, &d).await, "owner {owner} lacks {}", d.hash);
+        }
+    }
+
+    let good = pseudo_random(500, 7100);
+    let liar = kiln_proto::peer::WholeBlob {
+        digest: Some(kiln_proto::peer::BlobDigest { function: 1, hash: sha256(b"something else").hash, size: 500 }),
+        data: pseudo_random(500, 7101),
+    };
+    let honest = kiln_proto::peer::WholeBlob {
+        digest: Some(kiln_proto::peer::BlobDigest { function: 1, hash: sha256(&good).hash, size: 500 }),
+        data: good.clone(),
+    };
+    let r = PeerClient::new(nodes[1].client.channel.clone())
+        .put_blobs(kiln_proto::peer::PutBlobsRequest { version: PEER_VERSION, blobs: vec![liar, honest] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.errors[0].contains("hash mismatch"), "{:?}", r.errors);
+    assert_eq!(r.errors[1], "");
+    assert!(!holds(&nodes[1].client, &sha256(b"something else")).await);
+    assert!(holds(&nodes[1].client, &sha256(&good)).await);
+}

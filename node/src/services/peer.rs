@@ -9,14 +9,14 @@ use futures::{Stream, StreamExt};
 use kiln_proto::peer::peer_server::Peer;
 use kiln_proto::peer::{
     ActionResultEntry, ActionResultKey, AddMemberRequest, BlobChunk, HasBlobsRequest, HasBlobsResponse, Member,
-    ProposeRequest, ProposeResponse, RaftRequest, RaftResponse, ReadBlobRequest, RemoveMemberRequest, StatusRequest,
+    ProposeRequest, ProposeResponse, PutBlobsRequest, PutBlobsResponse, RaftRequest, RaftResponse, ReadBlobRequest, RemoveMemberRequest, StatusRequest,
     StatusResponse, UploadKey, UploadStatusResponse, WriteBlobResponse, MIN_PEER_VERSION, PEER_VERSION,
 };
 use kiln_raft::network::{decode, encode};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::blocking;
-use crate::cas::UploadState;
+use crate::cas::{check_content, UploadState};
 use crate::digest::{BlobDigest, DigestFunction};
 use crate::error::{KilnError, Result};
 use crate::server::NodeState;
@@ -191,6 +191,32 @@ impl Peer for PeerService {
         let missing: std::collections::HashSet<BlobDigest> = missing.into_iter().collect();
         let present = digests.iter().filter(|d| !missing.contains(d)).map(peer_digest).collect();
         Ok(Response::new(HasBlobsResponse { present }))
+    }
+
+    async fn put_blobs(&self, request: Request<PutBlobsRequest>) -> std::result::Result<Response<PutBlobsResponse>, Status> {
+        let req = request.into_inner();
+        check_version(req.version)?;
+        let blobs: Vec<(BlobDigest, bytes::Bytes)> = req
+            .blobs
+            .into_iter()
+            .map(|b| from_peer_digest(b.digest.as_ref()).map(|d| (d, bytes::Bytes::from(b.data))))
+            .collect::<Result<_>>()?;
+        let cas = self.state.cas.clone();
+        // Checked here: a replica is stored only if its bytes match its digest.
+        let results = blocking(move || {
+            let (good, checks): (Vec<_>, Vec<_>) = blobs
+                .into_iter()
+                .map(|(d, data)| match check_content(&d, &data) {
+                    Ok(()) => (Some((d, data)), Ok(())),
+                    Err(e) => (None, Err(e)),
+                })
+                .unzip();
+            let mut stored = cas.put_checked_many(good.into_iter().flatten().collect()).into_iter();
+            Ok(checks.into_iter().map(|c| c.and_then(|()| stored.next().expect("one result per checked blob"))).collect::<Vec<_>>())
+        })
+        .await?;
+        let errors = results.into_iter().map(|r| r.err().map(|e| e.to_string()).unwrap_or_default()).collect();
+        Ok(Response::new(PutBlobsResponse { errors }))
     }
 
     async fn write_blob(&self, request: Request<Streaming<BlobChunk>>) -> std::result::Result<Response<WriteBlobResponse>, Status> {
