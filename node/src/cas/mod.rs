@@ -16,6 +16,7 @@
 //! - Memory stays bounded whatever the blob size: uploads are hashed and written chunk by chunk
 //!   on a blocking thread, reads are streamed from the file in fixed-size chunks.
 
+mod absent;
 mod memory;
 mod read;
 mod store;

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use super::absent::AbsentFilter;
 use super::memory::MemoryTier;
 use super::upload::UploadState;
 use crate::config::{Config, FsyncPolicy};
@@ -99,6 +100,8 @@ struct Inner {
     /// Such a blob is inside its protect window, so eviction cannot take it meanwhile; the
     /// paths that drop a blob otherwise (corruption, a copy moved to its owners) remove it.
     presence: Mutex<lru::LruCache<Key, (u64, u64), foldhash::fast::RandomState>>,
+    /// Keys certainly not indexed (trusted only while the index is complete).
+    absent: AbsentFilter,
     total_bytes: AtomicU64,
     max_size: u64,
     protect_ms: u64,
@@ -160,8 +163,12 @@ impl BlobStore {
         let index = db.open_tree("cas_index")?;
         let lru = db.open_tree("cas_lru")?;
         let mut total = 0u64;
+        let absent = AbsentFilter::default();
         for item in index.iter() {
-            let (_, v) = item?;
+            let (k, v) = item?;
+            if let Ok(key) = <&Key>::try_from(&k[..]) {
+                absent.insert(key);
+            }
             if let Ok(e) = IndexEntry::decode(&v) {
                 total += e.size;
             }
@@ -180,6 +187,7 @@ impl BlobStore {
             fsync: cfg.storage.fsync,
             syncer,
             // A seeded fast hasher: the keys are client-chosen, SipHash's cost showed in profiles.
+            absent,
             presence: Mutex::new(lru::LruCache::with_hasher(
                 std::num::NonZeroUsize::new(PRESENCE_CACHE_ENTRIES).expect("non-zero"),
                 foldhash::fast::RandomState::default(),
@@ -267,6 +275,7 @@ impl BlobStore {
                 let _g = self.stripe(&key);
                 let e = IndexEntry { size: d.size, atime: now_ms(), verified_boot: 0 };
                 let raw: sled::IVec = e.encode().into();
+                self.0.absent.insert(&key);
                 if self.0.index.compare_and_swap(key, None as Option<&[u8]>, Some(raw.clone()))?.is_ok() {
                     self.0.lru.insert(lru_key(e.atime, &key), &[])?;
                     self.add_total(d.size as i64);
@@ -328,6 +337,9 @@ impl BlobStore {
             if size == d.size && fresh(atime) {
                 return Ok(true);
             }
+        }
+        if self.0.index_complete.load(Ordering::Acquire) && self.0.absent.certainly_absent(&key) {
+            return Ok(false);
         }
         match self.lookup(d)? {
             Some((e, raw)) => {
@@ -543,6 +555,7 @@ impl BlobStore {
                 std::fs::rename(tmp, &path).map_err(|e| KilnError::io(format!("renaming blob {d} into place"), e))?;
             }
             let e = IndexEntry { size: d.size, atime: now, verified_boot: self.0.boot };
+            self.0.absent.insert(&key);
             match self.0.index.insert(key, e.encode())? {
                 Some(old) => {
                     if let Ok(old) = IndexEntry::decode(&old) {
