@@ -155,11 +155,22 @@ impl Storage {
         if o.id == self.node_id || o.addr.is_empty() {
             return self.local_find_missing(part.to_vec()).await;
         }
-        let req = HasBlobsRequest { version: PEER_VERSION, digests: part.iter().map(peer_digest).collect() };
-        let present = self.client(o)?.has_blobs(req).await.map_err(|s| KilnError::Unavailable(s.message().to_string()))?.into_inner().present;
-        let present: std::collections::HashSet<BlobDigest> =
-            present.iter().filter_map(|p| from_peer_digest(Some(p)).ok()).collect();
-        Ok(part.iter().filter(|d| !present.contains(d)).copied().collect())
+        let req = HasBlobsRequest { version: PEER_VERSION, digests: part.iter().map(peer_digest).collect(), want_indices: true };
+        let r = self.client(o)?.has_blobs(req).await.map_err(|s| KilnError::Unavailable(s.message().to_string()))?.into_inner();
+        let mut held = vec![false; part.len()];
+        for i in r.present_indices {
+            if let Some(h) = held.get_mut(i as usize) {
+                *h = true;
+            }
+        }
+        if !r.present.is_empty() {
+            // A node that predates `want_indices` names the digests.
+            let present: std::collections::HashSet<BlobDigest> = r.present.iter().filter_map(|p| from_peer_digest(Some(p)).ok()).collect();
+            for (h, d) in held.iter_mut().zip(part) {
+                *h |= present.contains(d);
+            }
+        }
+        Ok(part.iter().zip(held).filter(|(_, h)| !h).map(|(d, _)| *d).collect())
     }
 
     /// Makes sure the blob is in the local store, fetching it from the owners (then the other

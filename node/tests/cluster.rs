@@ -292,6 +292,7 @@ async fn holds(n: &ProcessClient, d: &kiln_proto::reapi::Digest) -> bool {
     let req = kiln_proto::peer::HasBlobsRequest {
         version: PEER_VERSION,
         digests: vec![kiln_proto::peer::BlobDigest { function: 1, hash: d.hash.clone(), size: d.size_bytes }],
+        ..Default::default()
     };
     !PeerClient::new(n.channel.clone()).has_blobs(req).await.unwrap().into_inner().present.is_empty()
 }
@@ -493,4 +494,16 @@ async fn a_batch_through_one_node_is_on_every_owner_when_acknowledged() {
     assert_eq!(r.errors[1], "");
     assert!(!holds(&nodes[1].client, &sha256(b"something else")).await);
     assert!(holds(&nodes[1].client, &sha256(&good)).await);
+    // The lighter presence answer: positions in the request.
+    let peer = |d: &kiln_proto::reapi::Digest| kiln_proto::peer::BlobDigest { function: 1, hash: d.hash.clone(), size: d.size_bytes };
+    let r = PeerClient::new(nodes[1].client.channel.clone())
+        .has_blobs(kiln_proto::peer::HasBlobsRequest {
+            version: PEER_VERSION,
+            digests: vec![peer(&sha256(b"something else")), peer(&sha256(&good)), peer(&sha256(b"nothing"))],
+            want_indices: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.present, r.present_indices), (vec![], vec![1]));
 }

@@ -68,6 +68,27 @@ async fn blobs_inside_the_protect_window_are_never_evicted() {
     assert!(missing(&n, &digests).await.is_empty(), "every protected blob is still there");
 }
 
+/// Opens a node's index database. sled's flusher thread lets go of a dropped database a
+/// moment later: the lock is retried.
+fn open_index(data_dir: &std::path::Path) -> sled::Db {
+    for _ in 0..200 {
+        if let Ok(db) = sled::open(data_dir.join("index")) {
+            return db;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    panic!("index stays locked");
+}
+
+/// Waits for the start-up scan of blob files that follows an unclean shutdown.
+fn wait_for_scan(store: &kiln_node::cas::BlobStore) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !store.index_complete() {
+        assert!(std::time::Instant::now() < deadline, "the scan did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// After a crash the index may lack blobs whose files are in place (sled flushes in the
 /// background): the start-up scan finds them, and until it has, misses are checked on disk.
 #[test]
@@ -78,16 +99,7 @@ fn blob_files_the_index_lost_are_found_after_an_unclean_start() {
     let cfg = test_config(dir.path());
     let data = pseudo_random(5000, 77);
     let d = DigestFunction::Sha256.digest_of(&data);
-    // sled's flusher thread lets go of a dropped database a moment later: retry the lock.
-    let open_db = || {
-        for _ in 0..200 {
-            if let Ok(db) = sled::open(dir.path().join("index")) {
-                return db;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(25));
-        }
-        panic!("index stays locked");
-    };
+    let open_db = || open_index(dir.path());
     {
         let db = open_db();
         let store = BlobStore::open(&cfg, &db).unwrap();
@@ -110,11 +122,7 @@ fn blob_files_the_index_lost_are_found_after_an_unclean_start() {
     }
     let db = open_db();
     let store = BlobStore::open(&cfg, &db).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !store.index_complete() {
-        assert!(std::time::Instant::now() < deadline, "the scan did not finish");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_for_scan(&store);
     assert_eq!(store.find_missing(&[d, absent]).unwrap(), vec![absent]);
     assert_eq!(store.read_all(&d).unwrap().unwrap(), data);
     assert!(store.stored_bytes() >= 5000);
@@ -130,15 +138,7 @@ fn a_blob_file_a_crash_left_behind_is_never_served_and_is_replaced() {
     use kiln_node::digest::DigestFunction;
     let dir = tempfile::tempdir().unwrap();
     let cfg = test_config(dir.path());
-    let open_db = || {
-        for _ in 0..200 {
-            if let Ok(db) = sled::open(dir.path().join("index")) {
-                return db;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(25));
-        }
-        panic!("index stays locked");
-    };
+    let open_db = || open_index(dir.path());
     let half = pseudo_random(6000, 41);
     let wrong = pseudo_random(6000, 42);
     let dh = DigestFunction::Sha256.digest_of(&half);
@@ -165,11 +165,7 @@ fn a_blob_file_a_crash_left_behind_is_never_served_and_is_replaced() {
     std::fs::write(path(&dw), &half).unwrap();
     let db = open_db();
     let store = BlobStore::open(&cfg, &db).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !store.index_complete() {
-        assert!(std::time::Instant::now() < deadline, "the scan did not finish");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_for_scan(&store);
     assert_eq!(store.find_missing(&[dh]).unwrap(), vec![dh], "a half-written file is not the blob");
     assert!(store.read_all(&dw).unwrap().is_none(), "a file whose bytes do not match is never served");
     assert!(store.put_checked_many(vec![(dh, half.clone().into()), (dw, wrong.clone().into())]).iter().all(|r| r.is_ok()));

@@ -189,8 +189,12 @@ impl Peer for PeerService {
         .await?;
         let (digests, missing) = missing;
         let missing: std::collections::HashSet<BlobDigest> = missing.into_iter().collect();
-        let present = digests.iter().filter(|d| !missing.contains(d)).map(peer_digest).collect();
-        Ok(Response::new(HasBlobsResponse { present }))
+        let held = digests.iter().enumerate().filter(|(_, d)| !missing.contains(d));
+        Ok(Response::new(if req.want_indices {
+            HasBlobsResponse { present: Vec::new(), present_indices: held.map(|(i, _)| i as u32).collect() }
+        } else {
+            HasBlobsResponse { present: held.map(|(_, d)| peer_digest(d)).collect(), present_indices: Vec::new() }
+        }))
     }
 
     async fn put_blobs(&self, request: Request<PutBlobsRequest>) -> std::result::Result<Response<PutBlobsResponse>, Status> {
