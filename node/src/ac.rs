@@ -48,14 +48,25 @@ impl ActionCacheStore {
     }
 
     pub fn put(&self, instance: &str, action: &BlobDigest, result: &ActionResult) -> Result<()> {
-        let mut rec = vec![AC_ENTRY_V1];
-        result.encode(&mut rec).map_err(|e| KilnError::Internal(e.to_string()))?;
-        self.tree.insert(key(instance, action), rec)?;
+        self.insert(instance, action, result)?;
         // Durability before acknowledgement: sled buffers writes in-process, so without this
         // flush a kill -9 right after the answer could lose the entry. Concurrent updates
         // share one flush.
-        self.flush.flush()?;
+        self.flush.flush()
+    }
+
+    fn insert(&self, instance: &str, action: &BlobDigest, result: &ActionResult) -> Result<()> {
+        let mut rec = vec![AC_ENTRY_V1];
+        result.encode(&mut rec).map_err(|e| KilnError::Internal(e.to_string()))?;
+        self.tree.insert(key(instance, action), rec)?;
         Ok(())
+    }
+
+    /// [`Self::put`] for async callers: the insert runs in place (sled buffers it in memory),
+    /// the flush is awaited, shared with concurrent updates.
+    pub async fn put_async(&self, instance: &str, action: &BlobDigest, result: &ActionResult) -> Result<()> {
+        self.insert(instance, action, result)?;
+        self.flush.flush_async().await
     }
 
     pub fn load(&self, instance: &str, action: &BlobDigest) -> Result<Option<ActionResult>> {

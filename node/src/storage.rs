@@ -606,8 +606,7 @@ impl Storage {
             let action = *action;
             async move {
                 if o.id == self.node_id {
-                    let ac = self.local_ac.clone();
-                    return blocking(move || ac.put(&instance, &action, &r)).await;
+                    return self.local_ac.put_async(&instance, &action, &r).await;
                 }
                 let entry = ActionResultEntry {
                     version: PEER_VERSION,
