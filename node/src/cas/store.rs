@@ -330,14 +330,22 @@ impl BlobStore {
         if d.is_empty_blob() {
             return Ok(true);
         }
-        let key = d.key();
         let now = now_ms();
-        let fresh = |atime: u64| now >= atime && now - atime <= self.0.touch_granularity_ms;
-        if let Some(&(size, atime)) = self.0.presence.lock().get(&key) {
-            if size == d.size && fresh(atime) {
-                return Ok(true);
-            }
+        if self.0.presence.lock().get(&d.key()).is_some_and(|c| self.cached_present(c, d, now)) {
+            return Ok(true);
         }
+        self.contains_uncached(d, now)
+    }
+
+    /// Whether a presence cache entry `(size, recorded atime)` vouches for `d` at `now`: same
+    /// size, touched within the touch granularity (so inside the protect window).
+    fn cached_present(&self, &(size, atime): &(u64, u64), d: &BlobDigest, now: u64) -> bool {
+        size == d.size && now >= atime && now - atime <= self.0.touch_granularity_ms
+    }
+
+    /// [`Self::contains`] past the presence cache: the absent filter, then the index.
+    fn contains_uncached(&self, d: &BlobDigest, now: u64) -> Result<bool> {
+        let key = d.key();
         if self.0.index_complete.load(Ordering::Acquire) && self.0.absent.certainly_absent(&key) {
             return Ok(false);
         }
@@ -345,7 +353,7 @@ impl BlobStore {
             Some((e, raw)) => {
                 let present = self.touch(&key, &raw, &e)?;
                 if present {
-                    let recorded = if fresh(e.atime) { e.atime } else { now };
+                    let recorded = if self.cached_present(&(e.size, e.atime), d, now) { e.atime } else { now };
                     self.0.presence.lock().put(key, (e.size, recorded));
                 }
                 Ok(present)
@@ -366,16 +374,13 @@ impl BlobStore {
                 let cache = self.0.presence.lock();
                 part.iter()
                     .map(|d| {
-                        d.is_empty_blob()
-                            || cache.peek(&d.key()).is_some_and(|&(size, atime)| {
-                                size == d.size && now >= atime && now - atime <= self.0.touch_granularity_ms
-                            })
+                        d.is_empty_blob() || cache.peek(&d.key()).is_some_and(|c| self.cached_present(c, d, now))
                     })
                     .collect()
             };
             let mut missing = Vec::new();
             for (d, hit) in part.iter().zip(cached) {
-                if !hit && !self.contains(d)? {
+                if !hit && !self.contains_uncached(d, now)? {
                     missing.push(*d);
                 }
             }
