@@ -186,8 +186,8 @@ impl BlobStore {
             boot,
             fsync: cfg.storage.fsync,
             syncer,
-            // A seeded fast hasher: the keys are client-chosen, SipHash's cost showed in profiles.
             absent,
+            // A seeded fast hasher: the keys are client-chosen, SipHash's cost showed in profiles.
             presence: Mutex::new(lru::LruCache::with_hasher(
                 std::num::NonZeroUsize::new(PRESENCE_CACHE_ENTRIES).expect("non-zero"),
                 foldhash::fast::RandomState::default(),
