@@ -382,7 +382,8 @@ async fn a_lease_of_a_bot_that_goes_silent_is_requeued_to_another_bot() {
     // A real worker arrives; the silent bot's lease is requeued to it.
     c.start_worker(&[]);
     let ops = drain(exec).await;
-    let r = response(ops.last().unwrap()).result.unwrap();
+    let resp = response(ops.last().unwrap());
+    let r = resp.result.unwrap_or_else(|| panic!("no result; status {:?}", resp.status));
     assert_eq!(bs_read(&c.node, &blob_resource("", r.output_files[0].digest.as_ref().unwrap()), 0, 0).await.unwrap(), b"ran\n");
     // The silent bot's session is gone: its next call is told so.
     let e = bots.update_bot_session(UpdateBotSessionRequest { name: s.name.clone(), bot_session: Some(s), update_mask: None }).await.unwrap_err();
