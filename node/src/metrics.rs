@@ -14,10 +14,14 @@ pub const INDEX_FLUSHES: &str = "kiln_index_flushes_total";
 pub const AC_HITS: &str = "kiln_ac_hits_total";
 pub const AC_MISSES: &str = "kiln_ac_misses_total";
 pub const AC_UPDATES: &str = "kiln_ac_updates_total";
+pub const SCHEDULER_PROPOSAL_SECONDS: &str = "kiln_scheduler_proposal_seconds";
+pub const AC_RESULT_WRITE_SECONDS: &str = "kiln_ac_result_write_seconds";
 
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_histogram!(RPC_DURATION_SECONDS, Unit::Seconds, "gRPC handler latency by method");
+    describe_histogram!(SCHEDULER_PROPOSAL_SECONDS, Unit::Seconds, "scheduling commands from proposal to applied, by command");
+    describe_histogram!(AC_RESULT_WRITE_SECONDS, Unit::Seconds, "storing a worker's result in the Action Cache, until durable");
     describe_counter!(RPC_ERRORS, "gRPC calls that ended in an error status, by method and code");
     describe_gauge!(CAS_STORED_BYTES, Unit::Bytes, "bytes of blobs stored on this node");
     describe_counter!(CAS_BLOBS_WRITTEN, "blobs committed to disk");

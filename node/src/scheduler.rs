@@ -94,7 +94,10 @@ impl Scheduler {
     }
 
     pub async fn propose(&self, cmd: Command) -> Result<CommandResult> {
-        self.proposer.propose(cmd).await.map_err(|e| match e {
+        let (kind, started) = (cmd.kind(), std::time::Instant::now());
+        let r = self.proposer.propose(cmd).await;
+        metrics::histogram!(crate::metrics::SCHEDULER_PROPOSAL_SECONDS, "command" => kind).record(started.elapsed().as_secs_f64());
+        r.map_err(|e| match e {
             ProposeError::NotLeader { leader } => {
                 KilnError::Unavailable(format!("this node cannot reach the scheduling leader (leader: {leader:?})"))
             }

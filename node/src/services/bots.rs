@@ -190,7 +190,10 @@ impl BotsService {
             if let Some(result) = resp.result.clone().filter(|r| r.exit_code == 0) {
                 let f = DigestFunction::from_request(op.action.digest_function)?;
                 let d = BlobDigest::parse(f, &op.action.hash, op.action.size)?;
-                if let Err(e) = self.state.storage.ac_update(&op.action.instance_name, &d, result).await {
+                let started = std::time::Instant::now();
+                let written = self.state.storage.ac_update(&op.action.instance_name, &d, result).await;
+                metrics::histogram!(crate::metrics::AC_RESULT_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+                if let Err(e) = written {
                     // The build still gets its result; only the cache entry is lost.
                     tracing::warn!(operation = %op.name, error = %e, "writing the action cache failed");
                 }
