@@ -93,6 +93,7 @@ impl Harness {
         let r = tokio::time::timeout(EXECUTE_BOUND, self.exec.execute(self.node.channel.clone(), "", digest.clone(), cancel))
             .await
             .expect("execute returns within its bound");
+        self.exec.settled().await;
         self.assert_no_action_dir_left();
         r
     }

@@ -106,7 +106,13 @@ struct Inner {
     actions_dir: PathBuf,
     cache: Arc<ContentCache>,
     counters: Counters,
+    /// Action directories being removed after their result was returned, at most this many.
+    cleanups: Arc<tokio::sync::Semaphore>,
 }
+
+/// Action directories removed in the background at once; a worker that finishes actions faster
+/// than it can remove their directories waits for a removal before returning the next result.
+const MAX_PENDING_CLEANUPS: u32 = 64;
 
 /// How the command ended, when it ran.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,11 +149,24 @@ impl Executor {
         std::fs::create_dir_all(&actions_dir).map_err(|e| KilnError::io(format!("create {}", actions_dir.display()), e))?;
         empty_dir(&actions_dir)?;
         let cache = ContentCache::open(work_dir.join("cache"), work_dir.join("tmp"), cfg.cache_max_bytes)?;
-        Ok(Self { inner: Arc::new(Inner { cfg, actions_dir, cache: Arc::new(cache), counters: Counters::default() }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cfg,
+                actions_dir,
+                cache: Arc::new(cache),
+                counters: Counters::default(),
+                cleanups: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_CLEANUPS as usize)),
+            }),
+        })
     }
 
     pub fn config(&self) -> &ExecutorConfig {
         &self.inner.cfg
+    }
+
+    /// Waits until the directories of every action returned so far are removed.
+    pub async fn settled(&self) {
+        let _all = self.inner.cleanups.acquire_many(MAX_PENDING_CLEANUPS).await;
     }
 
     pub fn stats(&self) -> ExecutorStats {
@@ -222,21 +241,21 @@ impl Executor {
 
         let outcome = self.phases(&remote, &action_digest, &action_dir, cancel, &mut pins, &mut meta, &mut result, logs).await;
 
-        // Clean up, always: the directory, then the pins (their files may now be evicted).
-        let started = Instant::now();
+        // Clean up, always: the directory, then the pins (their files may now be evicted). In
+        // the background: the result does not wait for it (bounded by MAX_PENDING_CLEANUPS).
         guard.0 = None;
         let cache = self.inner.cache.clone();
-        let removed = blocking(move || {
-            let r = remove_tree(&action_dir);
+        let permit = self.inner.cleanups.clone().acquire_owned().await.ok(); // never closed
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            if let Err(e) = remove_tree(&action_dir) {
+                tracing::warn!(error = %e, "cannot remove the action directory");
+            }
             drop(pins);
             cache.trim();
-            r
-        })
-        .await;
-        if let Err(e) = removed {
-            tracing::warn!(error = %e, "cannot remove the action directory");
-        }
-        record_phase("cleanup", started);
+            record_phase("cleanup", started);
+            drop(permit);
+        });
 
         meta.worker_completed_timestamp = Some(now());
         result.execution_metadata = Some(meta);
