@@ -6,12 +6,19 @@
 # `kiln-load suite` against the node, and prints every figure with its ratio to those limits
 # plus the checks of the benchmark issue. The full report goes to bench/results/<UTC time>.json.
 #
-# usage: scripts/bench.sh [--quick]
+# usage: scripts/bench.sh [--quick] [--cluster | --vs-buildgrid] [--bazel]
 #   --quick           ~1 s per workload instead of ~5 s (a smoke run; results get a -quick suffix)
 #   --cluster         also the same suite against a three-node cluster (scripts/cluster.sh: nodes
 #                     on 127.0.0.1:8981-8983, RF=2, one worker), through node 1, printed beside
 #                     the single node's figures of the same run (results: <time>-cluster.json)
-#   --vs-buildgrid    (reserved) the same suite against BuildGrid on this machine, side by side
+#   --vs-buildgrid    the same suite against BuildGrid (PyPI `buildgrid`, in-memory CAS and Action
+#                     Cache, its SQL scheduler on a local PostgreSQL, one `kiln worker` on its Bots
+#                     service with as many slots as Kiln's embedded worker; scripts/buildgrid.sh),
+#                     interleaved workload by workload, then the Bazel build benchmark against both
+#                     (results: <time>.json for Kiln, <time>-buildgrid.json, <time>-vs-buildgrid.json
+#                     with the ratios, <time>-bazel.json)
+#   --bazel           also the Bazel build benchmark (scripts/bench-bazel.sh: a clean remote-execution
+#                     build of a few hundred actions and a fully cached rebuild, medians of 3)
 #
 # CARGO_TARGET_DIR is honoured (default: target/ in the repository). KILN_BIN=/path/to/kiln
 # benchmarks that binary instead of building this tree's (e.g. another revision's build).
@@ -25,24 +32,18 @@ usage() {
 
 QUICK=0
 MODE=single
+BAZEL=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --cluster) MODE=cluster ;;
-    --vs-buildgrid) MODE=vs-buildgrid ;;
+    --vs-buildgrid) MODE=vs-buildgrid; BAZEL=1 ;;
+    --bazel) BAZEL=1 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "bench.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
   shift
 done
-
-case "$MODE" in
-  single | cluster) ;;
-  vs-buildgrid)
-    echo "bench.sh: --$MODE is reserved and not implemented yet" >&2
-    exit 2
-    ;;
-esac
 
 for tool in cargo python3; do
   command -v "$tool" >/dev/null || { echo "bench.sh: $tool is required" >&2; exit 1; }
@@ -53,7 +54,11 @@ log() { printf '\n== %s\n' "$*" >&2; }
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/kiln-bench.XXXXXX")
 KILN_PID=
 CLUSTER_UP=
+BUILDGRID_UP=
 cleanup() {
+  if [ -n "$BUILDGRID_UP" ]; then
+    KILN_BIN=$KILN scripts/buildgrid.sh down --dir "$TMP/buildgrid" >/dev/null 2>&1 || true
+  fi
   if [ -n "$KILN_PID" ] && kill -0 "$KILN_PID" 2>/dev/null; then
     kill "$KILN_PID" 2>/dev/null || true
     wait "$KILN_PID" 2>/dev/null || true
@@ -145,17 +150,64 @@ fi
 mkdir -p bench/results
 RESULT=bench/results/$STAMP$SUFFIX.json
 
-log "suite against grpc://127.0.0.1:$PORT"
+# suite ENDPOINT INSTANCE JSON [ARGS...]: the load suite against one server.
+suite() {
+  local endpoint=$1 instance=$2 json=$3
+  shift 3
+  "$LOAD" suite --endpoint "$endpoint" --instance "$instance" "${SUITE_FLAGS[@]}" \
+    --limits "$TMP/limits-sha256.json" --limits "$TMP/limits-tcp.json" --limits "$TMP/limits-disk.json" \
+    --limits "$TMP/limits-spawn.json" \
+    --meta "git_rev=$REV" --meta "git_commit=$COMMIT" --meta "git_dirty=$DIRTY" \
+    --meta "git_dirty_paths=$DIRTY_PATHS" --meta "git_diff_sha256=$DIFF_SHA" \
+    --meta "tree_changed_during_build=$TREE_CHANGED" --meta "mode=$MODE" \
+    --meta "kiln_bin=${KILN_BIN:-this tree}" --meta "kiln_version=$("$KILN" --version 2>/dev/null || echo unknown)" \
+    --meta "kernel=$(uname -sr)" --meta "cpus=$(nproc)" --meta "started_utc=$STAMP" \
+    --json "$json" "$@"
+}
+
 status=0
-"$LOAD" suite --endpoint "grpc://127.0.0.1:$PORT" "${SUITE_FLAGS[@]}" \
-  --limits "$TMP/limits-sha256.json" --limits "$TMP/limits-tcp.json" --limits "$TMP/limits-disk.json" \
-  --limits "$TMP/limits-spawn.json" \
-  --meta "git_rev=$REV" --meta "git_commit=$COMMIT" --meta "git_dirty=$DIRTY" \
-  --meta "git_dirty_paths=$DIRTY_PATHS" --meta "git_diff_sha256=$DIFF_SHA" \
-  --meta "tree_changed_during_build=$TREE_CHANGED" --meta "mode=$MODE" \
-  --meta "kiln_bin=${KILN_BIN:-this tree}" --meta "kiln_version=$("$KILN" --version 2>/dev/null || echo unknown)" \
-  --meta "kernel=$(uname -sr)" --meta "cpus=$(nproc)" --meta "started_utc=$STAMP" \
-  --json "$RESULT" || status=$?
+if [ "$MODE" = vs-buildgrid ]; then
+  # The peer's worker gets as many slots as Kiln's embedded worker (one per core).
+  log "start BuildGrid (data and logs in $TMP/buildgrid)"
+  BUILDGRID_UP=1
+  KILN_BIN=$KILN scripts/buildgrid.sh up --dir "$TMP/buildgrid" --workers 1 --concurrency "$(nproc)" >"$TMP/buildgrid-up.out"
+  BG_ENDPOINT=$(sed -n 's/^BUILDGRID_ENDPOINT=//p' "$TMP/buildgrid-up.out" | tail -n 1)
+  BG_INSTANCE=$(sed -n 's/^BUILDGRID_INSTANCE=//p' "$TMP/buildgrid-up.out" | tail -n 1)
+  [ -n "$BG_ENDPOINT" ] || { echo "bench.sh: scripts/buildgrid.sh up printed no BUILDGRID_ENDPOINT" >&2; exit 1; }
+  BG_VERSION=$(python3 -m pip show buildgrid 2>/dev/null | sed -n 's/^Version: //p')
+  PEER_RESULT=bench/results/$STAMP$SUFFIX-buildgrid.json
+  # Interleaved workload by workload, so a slow spell of the shared machine hits both.
+  parts_kiln=() parts_peer=()
+  for g in bytestream-write bytestream-read batch-update batch-read find-missing action-cache execute-trivial; do
+    log "$g: Kiln (grpc://127.0.0.1:$PORT)"
+    suite "grpc://127.0.0.1:$PORT" "" "$TMP/kiln-$g.json" --only "$g" || status=$?
+    parts_kiln+=("$TMP/kiln-$g.json")
+    log "$g: BuildGrid $BG_VERSION ($BG_ENDPOINT${BG_INSTANCE:+, instance $BG_INSTANCE})"
+    suite "$BG_ENDPOINT" "$BG_INSTANCE" "$TMP/peer-$g.json" --only "$g" --meta "peer=buildgrid $BG_VERSION" || status=$?
+    parts_peer+=("$TMP/peer-$g.json")
+  done
+  present() { local f; for f in "$@"; do [ -f "$f" ] && echo "$f"; done; }
+  mapfile -t parts_kiln < <(present "${parts_kiln[@]}")
+  mapfile -t parts_peer < <(present "${parts_peer[@]}")
+  [ ${#parts_kiln[@]} -gt 0 ] && python3 scripts/bench_report.py merge "$RESULT" "${parts_kiln[@]}"
+  [ ${#parts_peer[@]} -gt 0 ] && python3 scripts/bench_report.py merge "$PEER_RESULT" "${parts_peer[@]}"
+  if [ -f "$RESULT" ] && [ -f "$PEER_RESULT" ]; then
+    python3 scripts/bench_report.py compare kiln="$RESULT" buildgrid="$PEER_RESULT" \
+      --json "bench/results/$STAMP$SUFFIX-vs-buildgrid.json"
+  fi
+else
+  log "suite against grpc://127.0.0.1:$PORT"
+  suite "grpc://127.0.0.1:$PORT" "" "$RESULT" || status=$?
+fi
+
+if [ "$BAZEL" = 1 ] && [ "$status" = 0 ]; then
+  BAZEL_TARGETS=("kiln=grpc://127.0.0.1:$PORT")
+  [ "$MODE" = vs-buildgrid ] && BAZEL_TARGETS+=("buildgrid=$BG_ENDPOINT${BG_INSTANCE:+,$BG_INSTANCE}")
+  BAZEL_FLAGS=()
+  [ "$QUICK" = 1 ] && BAZEL_FLAGS+=(--scale 2 --rounds 1)
+  log "Bazel build benchmark: ${BAZEL_TARGETS[*]}"
+  scripts/bench-bazel.sh "${BAZEL_FLAGS[@]}" --json "bench/results/$STAMP$SUFFIX-bazel.json" "${BAZEL_TARGETS[@]}" || status=$?
+fi
 
 if ! kill -0 "$KILN_PID" 2>/dev/null; then
   echo "bench.sh: kiln died during the run; its log:" >&2
@@ -235,6 +287,8 @@ if [ -f "$RESULT" ]; then
   echo
   echo "results: $RESULT"
   [ -n "${CRESULT:-}" ] && [ -f "$CRESULT" ] && echo "cluster results: $CRESULT"
+  [ -n "${PEER_RESULT:-}" ] && [ -f "$PEER_RESULT" ] && echo "BuildGrid results: $PEER_RESULT"
+  [ -f "bench/results/$STAMP$SUFFIX-bazel.json" ] && echo "Bazel build results: bench/results/$STAMP$SUFFIX-bazel.json"
   if [ "$DIRTY" = yes ] && [ -z "${KILN_BIN:-}" ]; then
     cp "$TMP/tree.diff" "${RESULT%.json}.diff"
     echo "uncommitted changes measured (on top of $REV): ${RESULT%.json}.diff"

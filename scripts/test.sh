@@ -35,6 +35,9 @@ for e2e in scripts/bazel-e2e.sh scripts/bgd-e2e.sh; do
         log "$e2e exec"; "$e2e" exec
         log "$e2e cluster"; "$e2e" cluster
         log "$e2e bes"; "$e2e" bes ;;
+      *bgd-e2e.sh)
+        log "$e2e"; "$e2e"
+        log "$e2e --worker-on-buildgrid"; "$e2e" --worker-on-buildgrid ;;
       *) log "$e2e"; "$e2e" ;;
     esac
   fi

@@ -26,6 +26,7 @@ use ractor::{Actor, ActorRef};
 use crate::error::{KilnError, Result};
 
 pub const EXECUTE_RESPONSE: &str = "build.bazel.remote.execution.v2.ExecuteResponse";
+pub const ACTION_RESULT_TYPE: &str = "build.bazel.remote.execution.v2.ActionResult";
 pub const EXECUTE_METADATA: &str = "build.bazel.remote.execution.v2.ExecuteOperationMetadata";
 
 /// Proposes through this node: locally on the leader, forwarded one hop from a follower.

@@ -25,11 +25,10 @@ use tonic::{Request, Response, Status};
 use super::observe;
 use crate::digest::{BlobDigest, DigestFunction};
 use crate::error::{KilnError, Result};
-use crate::scheduler::{timestamp, EXECUTE_RESPONSE};
+use crate::scheduler::{timestamp, ACTION_RESULT_TYPE, EXECUTE_RESPONSE};
 use crate::server::NodeState;
 
 const DIGEST_TYPE: &str = "build.bazel.remote.execution.v2.Digest";
-const ACTION_RESULT_TYPE: &str = "build.bazel.remote.execution.v2.ActionResult";
 /// Longest a bot with no work waits in one UpdateBotSession.
 const MAX_LONG_POLL: Duration = Duration::from_secs(20);
 /// Time kept in hand before the client's deadline, to answer before it expires.
@@ -133,6 +132,9 @@ fn response_of(lease: &Lease) -> ExecuteResponse {
     };
     if let Some(st) = &lease.status {
         if st.code != 0 {
+            if resp.message.is_empty() {
+                resp.message = st.message.clone();
+            }
             resp.status = Some(kiln_proto::convert::status_from_google(st.clone()));
         }
     }

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_proto::reapi::{Digest, ExecuteResponse};
+use kiln_proto::reapi::{Action, Digest, ExecuteResponse};
 use kiln_proto::remoteworkers::{
     bots_client::BotsClient, worker, BotSession, BotStatus, CreateBotSessionRequest, Lease, LeaseState,
     UpdateBotSessionRequest, Worker,
@@ -83,6 +83,8 @@ pub async fn run(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> anyhow
             shutdown: shutdown.clone(),
             running: None,
             finished: None,
+            last_finished: None,
+            version: String::new(),
         };
         slots.push(tokio::spawn(s.run()));
     }
@@ -108,6 +110,12 @@ struct Slot {
     running: Option<Running>,
     /// A result not yet accepted by a node.
     finished: Option<(String, ExecuteResponse)>,
+    /// The lease whose result was accepted last: a server that still lists it is not asking
+    /// for it to run again.
+    last_finished: Option<String>,
+    /// The session version the server gave last, sent back with every update (BuildGrid
+    /// long-polls only a bot that returns the version it was given).
+    version: String,
 }
 
 enum SessionEnd {
@@ -130,10 +138,15 @@ impl Slot {
             leases.push(Lease { id: r.lease_id.clone(), state: LeaseState::Active as i32, ..Default::default() });
         }
         if let Some((id, resp)) = &self.finished {
+            // The result as the Remote Workers API's REAPI convention has it: the ActionResult,
+            // with the outcome in the lease's status (BuildGrid reads nothing else).
             leases.push(Lease {
                 id: id.clone(),
                 state: LeaseState::Completed as i32,
-                result: Some(kiln_proto::convert::any_to_prost(kiln_proto::pack_any(crate::scheduler::EXECUTE_RESPONSE, resp))),
+                result: resp
+                    .result
+                    .as_ref()
+                    .map(|r| kiln_proto::convert::any_to_prost(kiln_proto::pack_any(crate::scheduler::ACTION_RESULT_TYPE, r))),
                 status: resp.status.clone().map(kiln_proto::convert::status_to_google),
                 ..Default::default()
             });
@@ -144,6 +157,7 @@ impl Slot {
             status: status as i32,
             worker: Some(self.worker()),
             leases,
+            version: self.version.clone(),
             ..Default::default()
         }
     }
@@ -184,8 +198,12 @@ impl Slot {
             bot_session: Some(self.session("", BotStatus::Ok)),
         });
         req.set_timeout(CALL_TIMEOUT);
-        let name = bots.create_bot_session(req).await?.into_inner().name;
+        let created = bots.create_bot_session(req).await?.into_inner();
+        let name = created.name.clone();
         tracing::info!(bot = %self.bot_id, session = %name, "bot session open");
+        // A server may hand out work in its answer already.
+        self.version = created.version.clone();
+        self.take_leases(&channel, created.leases);
         loop {
             let terminating = self.stopping();
             if terminating {
@@ -212,35 +230,52 @@ impl Slot {
                 Err(s) => return Err(s),
             };
             // The result we sent was accepted.
-            self.finished = None;
+            if let Some((id, _)) = self.finished.take() {
+                self.last_finished = Some(id);
+            }
             if terminating {
                 return Ok(SessionEnd::Shutdown);
             }
-            for lease in resp.leases {
-                let state = LeaseState::try_from(lease.state).unwrap_or(LeaseState::Unspecified);
-                match (&self.running, state) {
-                    (Some(r), LeaseState::Cancelled) if r.lease_id == lease.id => {
-                        tracing::info!(lease = %lease.id, "lease cancelled by the server");
-                        r.cancel.cancel();
-                    }
-                    (None, LeaseState::Pending) => self.start(&channel, lease),
-                    _ => {}
-                }
-            }
+            self.version = resp.version.clone();
+            self.take_leases(&channel, resp.leases);
             self.wait_for_progress().await;
+        }
+    }
+
+    /// Acts on the leases a server sent: starts a new one when idle (PENDING, or ACTIVE as
+    /// BuildGrid hands them out), cancels the running one when told to.
+    fn take_leases(&mut self, channel: &Channel, leases: Vec<Lease>) {
+        for lease in leases {
+            let state = LeaseState::try_from(lease.state).unwrap_or(LeaseState::Unspecified);
+            match (&self.running, state) {
+                (Some(r), LeaseState::Cancelled) if r.lease_id == lease.id => {
+                    tracing::info!(lease = %lease.id, "lease cancelled by the server");
+                    r.cancel.cancel();
+                }
+                (None, LeaseState::Pending | LeaseState::Active)
+                    if self.last_finished.as_deref() != Some(lease.id.as_str())
+                        && self.finished.as_ref().is_none_or(|(id, _)| *id != lease.id) =>
+                {
+                    self.start(channel, lease)
+                }
+                _ => {}
+            }
         }
     }
 
     fn start(&mut self, channel: &Channel, lease: Lease) {
         // The payload is the Action digest (BuildGrid's convention); servers of the older
         // convention send the Action itself, which is then addressed by its own digest.
-        let digest = lease.payload.as_ref().and_then(|p| {
-            if p.type_url.ends_with("/build.bazel.remote.execution.v2.Action") {
-                Some(crate::digest::DigestFunction::Sha256.digest_of(&p.value).to_proto())
-            } else {
-                Digest::decode(&p.value[..]).ok()
-            }
-        });
+        let (digest, action) = match lease.payload.as_ref() {
+            // The Action itself: run it as sent, addressed by the digest of these bytes (used
+            // only to name the action in logs and metadata).
+            Some(p) if p.type_url.ends_with("/build.bazel.remote.execution.v2.Action") => match Action::decode(&p.value[..]) {
+                Ok(a) => (Some(crate::digest::DigestFunction::Sha256.digest_of(&p.value).to_proto()), Some(a)),
+                Err(_) => (None, None),
+            },
+            Some(p) => (Digest::decode(&p.value[..]).ok(), None),
+            None => (None, None),
+        };
         let cancel = CancellationToken::new();
         let (executor, channel, instance, token) =
             (self.executor.clone(), channel.clone(), self.opts.instance_name.clone(), cancel.clone());
@@ -249,7 +284,7 @@ impl Slot {
             match digest {
                 Some(d) => {
                     let logs = super::livelog::LiveLogs::create(&channel, &operation).await;
-                    executor.execute_live(channel, &instance, d, token, logs).await
+                    executor.execute_live(channel, &instance, d, action, token, logs).await
                 }
                 None => ExecuteResponse {
                     status: Some(kiln_proto::rpc_status(tonic::Code::InvalidArgument, "lease payload is not an Action digest", vec![])),

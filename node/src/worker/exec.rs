@@ -199,15 +199,17 @@ impl Executor {
         action_digest: reapi::Digest,
         cancel: CancellationToken,
     ) -> ExecuteResponse {
-        self.execute_live(cas, instance_name, action_digest, cancel, None).await
+        self.execute_live(cas, instance_name, action_digest, None, cancel, None).await
     }
 
     /// [`Self::execute`], also streaming the command's stdout and stderr into `logs` while it runs.
+    /// `action` is the Action itself when the lease carried it (then it is not fetched).
     pub async fn execute_live(
         &self,
         cas: tonic::transport::Channel,
         instance_name: &str,
         action_digest: reapi::Digest,
+        action: Option<Action>,
         cancel: CancellationToken,
         logs: Option<super::livelog::LiveLogs>,
     ) -> ExecuteResponse {
@@ -217,7 +219,7 @@ impl Executor {
             instance = %instance_name,
             worker = %self.inner.cfg.worker_name,
         );
-        self.run_action(cas, instance_name, action_digest, cancel, logs).instrument(span).await
+        self.run_action(cas, instance_name, action_digest, action, cancel, logs).instrument(span).await
     }
 
     async fn run_action(
@@ -225,6 +227,7 @@ impl Executor {
         cas: tonic::transport::Channel,
         instance_name: &str,
         action_digest: reapi::Digest,
+        action: Option<Action>,
         cancel: CancellationToken,
         logs: Option<super::livelog::LiveLogs>,
     ) -> ExecuteResponse {
@@ -239,7 +242,7 @@ impl Executor {
         let mut pins = Pins::new(self.inner.cache.clone());
         let remote = RemoteCas::new(cas, instance_name, DIGEST_FUNCTION);
 
-        let outcome = self.phases(&remote, &action_digest, &action_dir, cancel, &mut pins, &mut meta, &mut result, logs).await;
+        let outcome = self.phases(&remote, &action_digest, action, &action_dir, cancel, &mut pins, &mut meta, &mut result, logs).await;
 
         // Clean up, always: the directory, then the pins (their files may now be evicted). In
         // the background: the result does not wait for it (bounded by MAX_PENDING_CLEANUPS).
@@ -294,6 +297,7 @@ impl Executor {
         &self,
         remote: &RemoteCas,
         action_digest: &reapi::Digest,
+        action: Option<Action>,
         action_dir: &Path,
         cancel: CancellationToken,
         pins: &mut Pins,
@@ -306,7 +310,7 @@ impl Executor {
 
         meta.input_fetch_start_timestamp = Some(now());
         let started = Instant::now();
-        let prepared = cancellable(cancel.clone(), self.prepare(remote, digest, action_dir, pins)).await;
+        let prepared = cancellable(cancel.clone(), self.prepare(remote, digest, action, action_dir, pins)).await;
         meta.input_fetch_completed_timestamp = Some(now());
         record_phase("prepare", started);
         let prepared = prepared?;
@@ -331,10 +335,22 @@ impl Executor {
 
     // ---- prepare ----
 
-    async fn prepare(&self, remote: &RemoteCas, digest: BlobDigest, action_dir: &Path, pins: &mut Pins) -> Result<Prepared, ExecError> {
-        let blobs = remote.fetch_to_memory("the action", &[digest]).await?;
-        let bytes = blobs.get(&digest).ok_or_else(|| KilnError::Internal(format!("action {digest} was fetched but is absent")))?;
-        let action = Action::decode(&bytes[..]).map_err(|e| KilnError::invalid(format!("action {digest} does not decode: {e}")))?;
+    async fn prepare(
+        &self,
+        remote: &RemoteCas,
+        digest: BlobDigest,
+        given: Option<Action>,
+        action_dir: &Path,
+        pins: &mut Pins,
+    ) -> Result<Prepared, ExecError> {
+        let action = match given {
+            Some(a) => a,
+            None => {
+                let blobs = remote.fetch_to_memory("the action", &[digest]).await?;
+                let bytes = blobs.get(&digest).ok_or_else(|| KilnError::Internal(format!("action {digest} was fetched but is absent")))?;
+                Action::decode(&bytes[..]).map_err(|e| KilnError::invalid(format!("action {digest} does not decode: {e}")))?
+            }
+        };
         let command_digest = BlobDigest::from_proto_opt(DIGEST_FUNCTION, action.command_digest.as_ref())
             .map_err(|e| KilnError::invalid(format!("action {digest}: command_digest: {e}")))?;
         let input_root = BlobDigest::from_proto_opt(DIGEST_FUNCTION, action.input_root_digest.as_ref())
