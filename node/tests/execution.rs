@@ -391,6 +391,39 @@ async fn a_lease_of_a_bot_that_goes_silent_is_requeued_to_another_bot() {
 }
 
 #[tokio::test]
+async fn an_idle_bot_that_keeps_long_polling_is_never_taken_for_lost() {
+    // With a 1 s silence limit a bot asking for work with a 20 s deadline must be answered
+    // well within the limit, or it is declared lost while it waits.
+    let c = Cluster::start_with_worker(|cfg| cfg.scheduler.bot_silence_secs = 1, false).await;
+    let mut bots = BotsClient::new(c.node.channel.clone());
+    let mut s = bots
+        .create_bot_session(CreateBotSessionRequest { parent: String::new(), bot_session: Some(BotSession { bot_id: "poller".into(), ..Default::default() }) })
+        .await
+        .unwrap()
+        .into_inner();
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut calls = 0;
+    while tokio::time::Instant::now() < until {
+        let mut req = tonic::Request::new(UpdateBotSessionRequest { name: s.name.clone(), bot_session: Some(s.clone()), update_mask: None });
+        req.set_timeout(Duration::from_secs(20));
+        s = tokio::time::timeout(Duration::from_secs(5), bots.update_bot_session(req))
+            .await
+            .expect("a long poll ends before the bot would be taken for lost")
+            .unwrap_or_else(|e| panic!("call {calls}: the session was lost while polling: {e:?}"))
+            .into_inner();
+        assert!(s.leases.is_empty());
+        calls += 1;
+    }
+    // Work arriving now goes to this same session.
+    let d = action(&c.node, &["true"], &[], &[], None, &[]).await;
+    let _exec = c.exec().execute(req(&d, false)).await.unwrap().into_inner();
+    let mut req = tonic::Request::new(UpdateBotSessionRequest { name: s.name.clone(), bot_session: Some(s.clone()), update_mask: None });
+    req.set_timeout(Duration::from_secs(20));
+    let s = bots.update_bot_session(req).await.expect("the session is still known").into_inner();
+    assert_eq!(s.leases.len(), 1, "the queued action is leased to the polling bot");
+}
+
+#[tokio::test]
 async fn bots_see_env_and_get_results_back_through_the_lease() {
     let c = Cluster::start(|_| {}).await;
     let cmd = Command {

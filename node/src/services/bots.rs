@@ -345,7 +345,9 @@ impl Bots for BotsService {
     #[tracing::instrument(skip_all, fields(session = %request.get_ref().name))]
     async fn update_bot_session(&self, request: Request<UpdateBotSessionRequest>) -> Result<Response<BotSession>, Status> {
         let start = Instant::now();
-        let budget = long_poll_budget(&request);
+        // A long poll must end well within the bot silence limit: the session is seen only when
+        // it calls, and a session that is seen too late is dropped and its lease requeued.
+        let budget = long_poll_budget(&request).min(self.state.scheduler.timeouts.bot_silence / 2);
         let r = self.update(budget, request.into_inner()).await.map(Response::new).map_err(Status::from);
         observe("Bots.UpdateBotSession", start, r)
     }

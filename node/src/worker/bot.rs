@@ -85,6 +85,7 @@ pub async fn run(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> anyhow
             finished: None,
             last_finished: None,
             version: String::new(),
+            keepalive: KEEPALIVE,
         };
         slots.push(tokio::spawn(s.run()));
     }
@@ -116,6 +117,17 @@ struct Slot {
     /// The session version the server gave last, sent back with every update (BuildGrid
     /// long-polls only a bot that returns the version it was given).
     version: String,
+    /// Time between keep-alives while an action runs: [`KEEPALIVE`], or less when the server's
+    /// `expire_time` says the session lapses sooner.
+    keepalive: Duration,
+}
+
+/// Half the time until `expire_time`, between 250 ms and [`KEEPALIVE`]; [`KEEPALIVE`] without one.
+fn keepalive_for(expire_time: Option<&prost_types::Timestamp>) -> Duration {
+    let Some(t) = expire_time else { return KEEPALIVE };
+    let expire = std::time::UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.clamp(0, 999_999_999) as u32);
+    let left = expire.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    (left / 2).clamp(Duration::from_millis(250), KEEPALIVE)
 }
 
 enum SessionEnd {
@@ -203,6 +215,7 @@ impl Slot {
         tracing::info!(bot = %self.bot_id, session = %name, "bot session open");
         // A server may hand out work in its answer already.
         self.version = created.version.clone();
+        self.keepalive = keepalive_for(created.expire_time.as_ref());
         self.take_leases(&channel, created.leases);
         loop {
             let terminating = self.stopping();
@@ -237,6 +250,7 @@ impl Slot {
                 return Ok(SessionEnd::Shutdown);
             }
             self.version = resp.version.clone();
+            self.keepalive = keepalive_for(resp.expire_time.as_ref());
             self.take_leases(&channel, resp.leases);
             self.wait_for_progress().await;
         }
@@ -312,12 +326,32 @@ impl Slot {
                 let r = self.running.take().expect("running");
                 self.finished = Some((r.lease_id, resp));
             }
-            _ = tokio::time::sleep(KEEPALIVE) => {}
+            _ = tokio::time::sleep(self.keepalive) => {}
             _ = sd.wait_for(|s| *s) => {}
         }
         if self.stopping() {
             // Let the next update say BOT_TERMINATING at once.
             tokio::task::yield_now().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_ms(ms: i64) -> prost_types::Timestamp {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap() + Duration::from_millis(ms.max(0) as u64);
+        prost_types::Timestamp { seconds: t.as_secs() as i64, nanos: t.subsec_nanos() as i32 }
+    }
+
+    #[test]
+    fn keepalives_come_well_before_the_session_expires() {
+        assert_eq!(keepalive_for(None), KEEPALIVE);
+        assert_eq!(keepalive_for(Some(&in_ms(60_000))), KEEPALIVE);
+        let k = keepalive_for(Some(&in_ms(1_000)));
+        assert!(k >= Duration::from_millis(400) && k <= Duration::from_millis(500), "{k:?}");
+        assert_eq!(keepalive_for(Some(&in_ms(0))), Duration::from_millis(250));
+        assert_eq!(keepalive_for(Some(&prost_types::Timestamp { seconds: -5, nanos: -1 })), Duration::from_millis(250));
     }
 }
