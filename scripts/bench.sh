@@ -167,10 +167,12 @@ suite() {
 
 status=0
 if [ "$MODE" = vs-buildgrid ]; then
-  # The peer's worker gets as many slots as Kiln's embedded worker (one per core).
+  # The peer's worker is set up as Kiln's embedded worker: one slot per core, one lease
+  # prefetched per slot.
   log "start BuildGrid (data and logs in $TMP/buildgrid)"
   BUILDGRID_UP=1
-  KILN_BIN=$KILN scripts/buildgrid.sh up --dir "$TMP/buildgrid" --workers 1 --concurrency "$(nproc)" >"$TMP/buildgrid-up.out"
+  KILN_BIN=$KILN scripts/buildgrid.sh up --dir "$TMP/buildgrid" --workers 1 --concurrency "$(nproc)" \
+    --prefetch "$(nproc)" >"$TMP/buildgrid-up.out"
   BG_ENDPOINT=$(sed -n 's/^BUILDGRID_ENDPOINT=//p' "$TMP/buildgrid-up.out" | tail -n 1)
   BG_INSTANCE=$(sed -n 's/^BUILDGRID_INSTANCE=//p' "$TMP/buildgrid-up.out" | tail -n 1)
   [ -n "$BG_ENDPOINT" ] || { echo "bench.sh: scripts/buildgrid.sh up printed no BUILDGRID_ENDPOINT" >&2; exit 1; }

@@ -2,12 +2,13 @@
 # BuildGrid as a benchmark peer on this machine: PostgreSQL (for BuildGrid's SQL scheduler),
 # `bgd server start` with an in-memory CAS and Action Cache, and `kiln worker`s as its bots.
 #
-# usage: scripts/buildgrid.sh up [--dir DIR] [--port PORT] [--workers N] [--concurrency N]
+# usage: scripts/buildgrid.sh up [--dir DIR] [--port PORT] [--workers N] [--concurrency N] [--prefetch N]
 #        scripts/buildgrid.sh down [--dir DIR]
 #   up      creates DIR (default ./.buildgrid-bench), starts PostgreSQL (unix socket only, no
 #           TCP), BuildGrid on 127.0.0.1:PORT (default: a free port) and N kiln workers (default
 #           1; 0 for none) with N slots each (default: kiln's, the number of CPUs) on its Bots
-#           service; returns once every bot session is open and one trivial action has run
+#           service (each with --prefetch N, default 0: leases taken ahead while every slot is
+#           busy, as `kiln dev`'s embedded worker does with one per slot); returns once every bot session is open and one trivial action has run
 #           through BuildGrid. Prints BUILDGRID_INSTANCE=<name> and, last,
 #           BUILDGRID_ENDPOINT=grpc://127.0.0.1:PORT. Logs: DIR/*.log; pids: DIR/*.pid.
 #   down    stops the workers, BuildGrid and PostgreSQL, and removes DIR
@@ -57,12 +58,14 @@ DIR=$ROOT/.buildgrid-bench
 PORT=
 WORKERS=1
 CONCURRENCY=
+PREFETCH=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --dir) DIR=${2:?--dir needs a value}; shift ;;
     --port) PORT=${2:?--port needs a value}; shift ;;
     --workers) WORKERS=${2:?--workers needs a value}; shift ;;
     --concurrency) CONCURRENCY=${2:?--concurrency needs a value}; shift ;;
+    --prefetch) PREFETCH=${2:?--prefetch needs a value}; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "buildgrid.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -72,6 +75,7 @@ case "$DIR" in /*) ;; *) DIR=$ROOT/$DIR ;; esac
 [[ "$WORKERS" =~ ^[0-9]+$ ]] || die "--workers must be a number, not '$WORKERS'"
 [[ -z "$CONCURRENCY" || "$CONCURRENCY" =~ ^[1-9][0-9]*$ ]] || die "--concurrency must be a positive number"
 [[ -z "$PORT" || "$PORT" =~ ^[1-9][0-9]*$ ]] || die "--port must be a number"
+[[ "$PREFETCH" =~ ^[0-9]+$ ]] || die "--prefetch must be a number"
 
 # gRPC honours http(s)_proxy; loopback must never go through a proxy.
 export no_proxy="127.0.0.1,localhost${no_proxy:+,$no_proxy}"
@@ -338,12 +342,12 @@ start_workers() {
   CONCURRENCY=${CONCURRENCY:-$(nproc)}
   for ((i = 1; i <= WORKERS; i++)); do
     args=(worker --endpoint "grpc://127.0.0.1:$PORT" --work-dir "$DIR/worker-$i" --name "bgpeer-$i"
-      --instance-name "$INSTANCE" --concurrency "$CONCURRENCY")
+      --instance-name "$INSTANCE" --concurrency "$CONCURRENCY" --prefetch "$PREFETCH")
     RUST_LOG=${RUST_LOG:-info} "$KILN" "${args[@]}" </dev/null >"$DIR/worker-$i.log" 2>&1 &
     echo $! >"$DIR/worker-$i.pid"
   done
   # Every slot opens its own bot session; BuildGrid keeps them in its `bots` table.
-  local want=$((WORKERS * CONCURRENCY)) have=0 deadline=$((SECONDS + 60))
+  local want=$((WORKERS * (CONCURRENCY + PREFETCH))) have=0 deadline=$((SECONDS + 60))
   while :; do
     for ((i = 1; i <= WORKERS; i++)); do
       running "$DIR/worker-$i.pid" || fail "kiln worker $i exited" "$DIR/worker-$i.log" "$DIR/bgd.log"

@@ -201,6 +201,10 @@ pub struct EmbeddedWorkerConfig {
     /// Actions run at once. Default: the number of CPUs.
     #[serde(default)]
     pub concurrency: Option<usize>,
+    /// Leases taken ahead while every slot is busy (see `kiln worker --prefetch`). Default 0;
+    /// `kiln dev`, whose worker is the only one, takes one per slot.
+    #[serde(default)]
+    pub prefetch: Option<usize>,
     /// Work directory (action dirs and the local content cache). Default `<data_dir>/worker`.
     #[serde(default)]
     pub work_dir: Option<PathBuf>,
@@ -364,7 +368,14 @@ impl Default for RaftConfig {
 
 impl Default for EmbeddedWorkerConfig {
     fn default() -> Self {
-        Self { enabled: false, concurrency: None, work_dir: None, platform: Default::default(), cache_max_bytes: default_worker_cache_bytes() }
+        Self {
+            enabled: false,
+            concurrency: None,
+            prefetch: None,
+            work_dir: None,
+            platform: Default::default(),
+            cache_max_bytes: default_worker_cache_bytes(),
+        }
     }
 }
 

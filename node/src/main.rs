@@ -55,9 +55,15 @@ enum Command {
         /// gRPC endpoints of cluster nodes, comma-separated (grpc://host:port).
         #[arg(long, value_delimiter = ',', required = true)]
         endpoint: Vec<String>,
-        /// Actions run at once (one bot session each). Default: the number of CPUs.
+        /// Actions run at once. Default: the number of CPUs.
         #[arg(long)]
         concurrency: Option<usize>,
+        /// Leases taken ahead while every slot is busy, so that a freed slot starts its next
+        /// action at once (one bot session per slot and per prefetched lease). Worth it for a
+        /// worker that is the only one, or for many short actions; with several workers a
+        /// prefetched action waits behind this worker's running ones while others may be idle.
+        #[arg(long, default_value_t = 0)]
+        prefetch: usize,
         /// Work directory: action directories and the local content cache.
         #[arg(long, default_value = "./.kiln-worker")]
         work_dir: PathBuf,
@@ -194,6 +200,7 @@ async fn run_node(cfg: Config) -> anyhow::Result<()> {
         let opts = WorkerOptions {
             endpoints: vec![format!("http://{}", node.grpc_addr)],
             concurrency: cfg.worker.concurrency.unwrap_or_else(default_concurrency),
+            prefetch: cfg.worker.prefetch.unwrap_or(0),
             work_dir: cfg.worker.work_dir.clone().unwrap_or_else(|| cfg.node.data_dir.join("worker")),
             platform: cfg.worker.platform.clone().into_iter().collect(),
             name: format!("{}-node{}", host_name(), cfg.node.id),
@@ -232,12 +239,17 @@ fn main() -> anyhow::Result<()> {
         Command::Dev { overrides } => {
             let mut cfg = Config::dev();
             overrides.apply(&mut cfg);
+            // The embedded worker is the only one: nothing is kept from another worker.
+            if cfg.worker.prefetch.is_none() {
+                cfg.worker.prefetch = Some(cfg.worker.concurrency.unwrap_or_else(default_concurrency));
+            }
             rt.block_on(run_node(cfg))
         }
-        Command::Worker { endpoint, concurrency, work_dir, platform, name, instance_name, cache_max_bytes } => {
+        Command::Worker { endpoint, concurrency, prefetch, work_dir, platform, name, instance_name, cache_max_bytes } => {
             let opts = WorkerOptions {
                 endpoints: endpoint,
                 concurrency: concurrency.unwrap_or_else(default_concurrency),
+                prefetch,
                 work_dir,
                 platform,
                 name: name.unwrap_or_else(host_name),

@@ -44,10 +44,15 @@ impl Cluster {
 
     /// Starts a worker; a second one with the same name is that worker restarted.
     fn start_named_worker(&mut self, name: &str, platform: &[(&str, &str)]) -> watch::Sender<bool> {
+        self.start_worker_with(name, platform, 2, 0)
+    }
+
+    fn start_worker_with(&mut self, name: &str, platform: &[(&str, &str)], concurrency: usize, prefetch: usize) -> watch::Sender<bool> {
         let (tx, rx) = watch::channel(false);
         let opts = kiln_node::worker::bot::WorkerOptions {
             endpoints: vec![format!("http://{}", self.node.node.as_ref().unwrap().grpc_addr)],
-            concurrency: 2,
+            concurrency,
+            prefetch,
             work_dir: self._worker_dir.path().to_path_buf(),
             platform: platform.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             name: name.into(),
@@ -421,6 +426,50 @@ async fn an_idle_bot_that_keeps_long_polling_is_never_taken_for_lost() {
     req.set_timeout(Duration::from_secs(20));
     let s = bots.update_bot_session(req).await.expect("the session is still known").into_inner();
     assert_eq!(s.leases.len(), 1, "the queued action is leased to the polling bot");
+}
+
+#[tokio::test]
+async fn a_prefetched_lease_is_taken_at_once_but_runs_only_when_a_slot_frees() {
+    let mut c = Cluster::start_with_worker(|_| {}, false).await;
+    c.start_worker_with("prefetching", &[], 1, 1);
+    let script = "sleep 1; date +%s%N > out";
+    let a = action(&c.node, &["sh", "-c", &format!("{script} # a")], &["out"], &[], None, &[]).await;
+    let b = action(&c.node, &["sh", "-c", &format!("{script} # b")], &["out"], &[], None, &[]).await;
+    let follow = |s: tonic::Streaming<Operation>| {
+        tokio::spawn(async move {
+            let mut first_executing = None;
+            let mut s = s;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while let Some(op) = tokio::time::timeout_at(deadline, s.message()).await.expect("in time").unwrap() {
+                if stage(&op) == execution_stage::Value::Executing as i32 && first_executing.is_none() {
+                    first_executing = Some(std::time::Instant::now());
+                }
+                if op.done {
+                    return (first_executing, std::time::Instant::now(), response(&op));
+                }
+            }
+            panic!("the stream ended before the operation was done");
+        })
+    };
+    let ta = follow(c.exec().execute(req(&a, false)).await.unwrap().into_inner());
+    let tb = follow(c.exec().execute(req(&b, false)).await.unwrap().into_inner());
+    let (ea, da, ra) = ta.await.unwrap();
+    let (eb, db, rb) = tb.await.unwrap();
+    let (ea, eb) = (ea.expect("a was executing"), eb.expect("b was executing"));
+    // Both leases were out before the first action finished: one of them was prefetched.
+    let (first_done, second_executing) = if da <= db { (da, eb) } else { (db, ea) };
+    assert!(second_executing < first_done, "the second lease was taken only after the first action finished");
+    // One slot: the two commands never ran at the same time.
+    let window = |r: &ExecuteResponse| {
+        let m = r.result.as_ref().unwrap().execution_metadata.clone().unwrap();
+        let t = |ts: Option<kiln_proto::protobuf::Timestamp>| {
+            let ts = ts.unwrap();
+            ts.seconds as i128 * 1_000_000_000 + ts.nanos as i128
+        };
+        (t(m.execution_start_timestamp), t(m.execution_completed_timestamp))
+    };
+    let (wa, wb) = (window(&ra), window(&rb));
+    assert!(wa.1 <= wb.0 || wb.1 <= wa.0, "the two actions overlapped: {wa:?} {wb:?}");
 }
 
 #[tokio::test]

@@ -39,6 +39,10 @@ pub struct WorkerOptions {
     /// gRPC endpoints of cluster nodes, tried in turn (`http://host:port` or `grpc://host:port`).
     pub endpoints: Vec<String>,
     pub concurrency: usize,
+    /// Bot sessions beyond `concurrency`: each may hold a lease while every slot is busy, so
+    /// that a slot that frees up starts its next action at once instead of first reporting the
+    /// result and waiting for the next lease. The actions themselves never exceed `concurrency`.
+    pub prefetch: usize,
     pub work_dir: std::path::PathBuf,
     pub platform: Vec<(String, String)>,
     /// Stable name of this worker; bot ids are `<name>-<slot>`.
@@ -71,15 +75,17 @@ pub async fn run(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> anyhow
     })?);
     let channels: Vec<Channel> = opts.endpoints.iter().map(|e| channel_for(e)).collect::<anyhow::Result<_>>()?;
     let opts = Arc::new(opts);
-    tracing::info!(endpoints = ?opts.endpoints, concurrency = opts.concurrency, work_dir = %opts.work_dir.display(), "worker starting");
+    tracing::info!(endpoints = ?opts.endpoints, concurrency = opts.concurrency, prefetch = opts.prefetch, work_dir = %opts.work_dir.display(), "worker starting");
+    let run_slots = Arc::new(tokio::sync::Semaphore::new(opts.concurrency));
     let mut slots = Vec::new();
-    for slot in 0..opts.concurrency {
+    for slot in 0..opts.concurrency + opts.prefetch {
         let s = Slot {
             bot_id: format!("{}-{slot}", opts.name),
             opts: opts.clone(),
             channels: channels.clone(),
             endpoint: slot % channels.len(),
             executor: executor.clone(),
+            run_slots: run_slots.clone(),
             shutdown: shutdown.clone(),
             running: None,
             finished: None,
@@ -107,6 +113,8 @@ struct Slot {
     channels: Vec<Channel>,
     endpoint: usize,
     executor: Arc<Executor>,
+    /// `concurrency` permits: a lease's action runs only while it holds one.
+    run_slots: Arc<tokio::sync::Semaphore>,
     shutdown: watch::Receiver<bool>,
     running: Option<Running>,
     /// A result not yet accepted by a node.
@@ -293,8 +301,19 @@ impl Slot {
         let cancel = CancellationToken::new();
         let (executor, channel, instance, token) =
             (self.executor.clone(), channel.clone(), self.opts.instance_name.clone(), cancel.clone());
+        let run_slots = self.run_slots.clone();
         let operation = lease.id.split('#').next().unwrap_or(&lease.id).to_string();
         let task = tokio::spawn(async move {
+            // A prefetched lease waits here for a slot (keep-alives go on meanwhile).
+            let _slot = tokio::select! {
+                p = run_slots.acquire_owned() => p.ok(), // never closed
+                _ = token.cancelled() => {
+                    return ExecuteResponse {
+                        status: Some(kiln_proto::rpc_status(tonic::Code::Cancelled, "cancelled before it started", vec![])),
+                        ..Default::default()
+                    };
+                }
+            };
             match digest {
                 Some(d) => {
                     let logs = super::livelog::LiveLogs::create(&channel, &operation).await;
