@@ -191,8 +191,10 @@ if [ "$MODE" = vs-buildgrid ]; then
   present() { local f; for f in "$@"; do [ -f "$f" ] && echo "$f"; done; }
   mapfile -t parts_kiln < <(present "${parts_kiln[@]}")
   mapfile -t parts_peer < <(present "${parts_peer[@]}")
-  [ ${#parts_kiln[@]} -gt 0 ] && python3 scripts/bench_report.py merge "$RESULT" "${parts_kiln[@]}"
-  [ ${#parts_peer[@]} -gt 0 ] && python3 scripts/bench_report.py merge "$PEER_RESULT" "${parts_peer[@]}"
+  log "Kiln, all workloads"
+  [ ${#parts_kiln[@]} -gt 0 ] && "$LOAD" merge --json "$RESULT" "${parts_kiln[@]}"
+  log "BuildGrid, all workloads"
+  [ ${#parts_peer[@]} -gt 0 ] && "$LOAD" merge --json "$PEER_RESULT" "${parts_peer[@]}"
   if [ -f "$RESULT" ] && [ -f "$PEER_RESULT" ]; then
     python3 scripts/bench_report.py compare kiln="$RESULT" buildgrid="$PEER_RESULT" \
       --json "bench/results/$STAMP$SUFFIX-vs-buildgrid.json"

@@ -1,10 +1,5 @@
 #!/usr/bin/env python3
-"""Combines kiln-load reports (JSON written by `kiln-load suite --json`).
-
-  bench_report.py merge OUT IN...
-      One report from several partial runs of the suite against the same server (each with
-      `--only`): the first run's header, every run's workloads and skipped entries, and for each
-      check the first verdict that is not n/a.
+"""Compares kiln-load reports (JSON written by `kiln-load suite|merge --json`).
 
   bench_report.py compare NAME=REPORT NAME=REPORT [--json OUT]
       Side by side: every workload of the first report (the subject) next to the same workload
@@ -12,24 +7,6 @@
 """
 import json
 import sys
-
-
-def merge(out, paths):
-    reports = [json.load(open(p)) for p in paths]
-    merged = dict(reports[0])
-    merged["workloads"] = [w for r in reports for w in r.get("workloads", [])]
-    merged["skipped"] = [s for r in reports for s in r.get("skipped", [])]
-    checks = {}
-    order = []
-    for r in reports:
-        for c in r.get("checks", []):
-            if c["name"] not in checks:
-                order.append(c["name"])
-                checks[c["name"]] = c
-            elif checks[c["name"]]["status"] == "n/a" and c["status"] != "n/a":
-                checks[c["name"]] = c
-    merged["checks"] = [checks[n] for n in order]
-    json.dump(merged, open(out, "w"), indent=2)
 
 
 def figure(w):
@@ -88,9 +65,7 @@ def compare(args):
 
 
 def main():
-    if len(sys.argv) >= 4 and sys.argv[1] == "merge":
-        merge(sys.argv[2], sys.argv[3:])
-    elif len(sys.argv) >= 4 and sys.argv[1] == "compare":
+    if len(sys.argv) >= 4 and sys.argv[1] == "compare":
         compare(sys.argv[2:])
     else:
         print(__doc__, file=sys.stderr)

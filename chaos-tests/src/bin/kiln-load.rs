@@ -93,6 +93,17 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Joins reports of partial runs of the suite against one server (`suite --only ...`) into
+    /// one: the first report's header, every run's workloads, and the checks evaluated anew
+    /// over all of them. Prints the table.
+    Merge {
+        /// Writes the merged report here as JSON.
+        #[arg(long)]
+        json: PathBuf,
+        /// The reports, in order.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+    },
     /// Processes started and waited for per second, one at a time (/bin/true; best of 3).
     SpawnRate {
         /// Processes per attempt.
@@ -179,6 +190,21 @@ async fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 },
             )
+        }
+        Command::Merge { json, reports } => {
+            let mut parts = reports.iter().map(|p| {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                serde_json::from_str::<SuiteReport>(&text).with_context(|| format!("{} is not a kiln-load report", p.display()))
+            });
+            let mut merged = parts.next().expect("clap requires one")?;
+            for part in parts {
+                let part = part?;
+                merged.workloads.extend(part.workloads);
+                merged.skipped.extend(part.skipped);
+            }
+            merged.checks = evaluate_checks(&merged.workloads, merged.limits.as_ref());
+            print!("\n{}", render_table(&merged));
+            write_json(&Some(json), &merged)
         }
         Command::SpawnRate { count, json } => {
             let rate = tokio::task::spawn_blocking(move || limits::spawn_rate(count, 3)).await??;
