@@ -143,25 +143,35 @@ impl BlobDigest {
 
     pub fn parse(function: DigestFunction, hash_hex: &str, size: i64) -> Result<Self, DigestError> {
         // One pass, lowercase only (REAPI hashes are lowercase hex). This runs once per digest
-        // of every FindMissingBlobs, so it avoids the general-purpose decoder.
-        fn nibble(c: u8) -> Option<u8> {
-            match c {
-                b'0'..=b'9' => Some(c - b'0'),
-                b'a'..=b'f' => Some(c - b'a' + 10),
-                _ => None,
+        // of every FindMissingBlobs, so it avoids the general-purpose decoder and branches: a
+        // table maps each byte to its nibble, or to 0xff, whose high bits flag the whole hash.
+        const NIBBLE: [u8; 256] = {
+            let mut t = [0xffu8; 256];
+            let mut c = 0;
+            while c < 10 {
+                t[b'0' as usize + c] = c as u8;
+                c += 1;
             }
-        }
-        let bad = || DigestError::BadHash(hash_hex.to_string(), HASH_LEN * 2);
+            let mut c = 0;
+            while c < 6 {
+                t[b'a' as usize + c] = 10 + c as u8;
+                c += 1;
+            }
+            t
+        };
         let bytes = hash_hex.as_bytes();
         if bytes.len() != HASH_LEN * 2 {
-            return Err(bad());
+            return Err(DigestError::BadHash(hash_hex.to_string(), HASH_LEN * 2));
         }
         let mut hash = [0u8; HASH_LEN];
+        let mut flags = 0u8;
         for (out, pair) in hash.iter_mut().zip(bytes.chunks_exact(2)) {
-            match (nibble(pair[0]), nibble(pair[1])) {
-                (Some(hi), Some(lo)) => *out = hi << 4 | lo,
-                _ => return Err(bad()),
-            }
+            let (hi, lo) = (NIBBLE[pair[0] as usize], NIBBLE[pair[1] as usize]);
+            flags |= hi | lo;
+            *out = hi << 4 | (lo & 0x0f);
+        }
+        if flags & 0xf0 != 0 {
+            return Err(DigestError::BadHash(hash_hex.to_string(), HASH_LEN * 2));
         }
         if size < 0 {
             return Err(DigestError::NegativeSize(hash_hex.to_string(), size));
