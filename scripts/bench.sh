@@ -13,7 +13,7 @@
 #                     the single node's figures of the same run (results: <time>-cluster.json)
 #   --vs-buildgrid    the same suite against BuildGrid (PyPI `buildgrid`, in-memory CAS and Action
 #                     Cache, its SQL scheduler on a local PostgreSQL, one `kiln worker` on its Bots
-#                     service with as many slots as Kiln's embedded worker; scripts/buildgrid.sh),
+#                     service set up as Kiln's embedded worker: slots and prefetch; scripts/buildgrid.sh),
 #                     interleaved workload by workload, then the Bazel build benchmark against both
 #                     (results: <time>.json for Kiln, <time>-buildgrid.json, <time>-vs-buildgrid.json
 #                     with the ratios, <time>-bazel.json)

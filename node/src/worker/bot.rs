@@ -286,11 +286,10 @@ impl Slot {
     }
 
     fn start(&mut self, channel: &Channel, lease: Lease) {
-        // The payload is the Action digest (BuildGrid's convention); servers of the older
-        // convention send the Action itself, which is then addressed by its own digest.
+        // The payload is the Action's digest (Kiln) or the Action itself (BuildGrid), which then
+        // runs as sent.
         let (digest, action) = match lease.payload.as_ref() {
-            // The Action itself: run it as sent, addressed by the digest of these bytes (used
-            // only to name the action in logs and metadata).
+            // Addressed by the digest of these bytes, used only to name it in logs.
             Some(p) if p.type_url.ends_with("/build.bazel.remote.execution.v2.Action") => match Action::decode(&p.value[..]) {
                 Ok(a) => (Some(crate::digest::DigestFunction::Sha256.digest_of(&p.value).to_proto()), Some(a)),
                 Err(_) => (None, None),
