@@ -280,6 +280,10 @@ pub struct StorageConfig {
     /// Seconds an unfinished upload stays resumable without activity. Default 3600.
     #[serde(default = "default_partial_upload_ttl_secs")]
     pub partial_upload_ttl_secs: u64,
+    /// Small blobs are appended to pack files of up to this many bytes (a new pack starts
+    /// when the current one would grow past it). Default 64 MiB.
+    #[serde(default = "default_pack_file_bytes")]
+    pub pack_file_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -406,6 +410,10 @@ fn default_protect_window_secs() -> u64 {
 fn default_memory_tier_bytes() -> u64 {
     128 << 20
 }
+fn default_pack_file_bytes() -> u64 {
+    64 << 20
+}
+
 fn default_memory_tier_max_blob_bytes() -> u64 {
     64 << 10
 }
@@ -443,6 +451,7 @@ impl Default for StorageConfig {
             protect_window_secs: default_protect_window_secs(),
             memory_tier_bytes: default_memory_tier_bytes(),
             memory_tier_max_blob_bytes: default_memory_tier_max_blob_bytes(),
+            pack_file_bytes: default_pack_file_bytes(),
             index_cache_bytes: default_index_cache_bytes(),
             max_partial_uploads: default_max_partial_uploads(),
             partial_upload_ttl_secs: default_partial_upload_ttl_secs(),
@@ -526,6 +535,9 @@ impl Config {
         }
         if self.storage.fsync_batch_window_ms == 0 || self.storage.fsync_batch_window_ms > 10_000 {
             return invalid("storage.fsync_batch_window_ms", "must be between 1 and 10000");
+        }
+        if self.storage.pack_file_bytes < 1 << 20 {
+            return invalid("storage.pack_file_bytes", "must be at least 1 MiB");
         }
         if self.storage.memory_tier_max_blob_bytes > self.storage.memory_tier_bytes && self.storage.memory_tier_bytes > 0 {
             return invalid("storage.memory_tier_max_blob_bytes", "must not exceed storage.memory_tier_bytes");

@@ -53,8 +53,8 @@ async fn acknowledged_blobs_and_action_results_survive_kill_9() {
     assert_eq!(got, result);
 }
 
-/// Small blobs of a batch are kept inline in the index database, which buffers writes
-/// in-process: acknowledged, they must survive a `kill -9` right after the answer.
+/// Small blobs of a batch are appended to a pack file and indexed in a database that buffers
+/// writes in-process: acknowledged, they must survive a `kill -9` right after the answer.
 #[tokio::test]
 async fn an_acknowledged_batch_of_small_blobs_survives_kill_9() {
     let dir = tempfile::tempdir().unwrap();

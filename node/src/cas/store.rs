@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::absent::AbsentFilter;
 use super::memory::MemoryTier;
+use super::pack::{Loc, Packs, PACK_MAX_BLOB};
 use super::upload::UploadState;
 use crate::config::{Config, FsyncPolicy};
 use crate::digest::{BlobDigest, DigestFunction, HASH_LEN};
@@ -23,8 +24,9 @@ use crate::metrics as m;
 
 type Key = [u8; 1 + HASH_LEN];
 
-/// Format version of [`IndexEntry`] records.
+/// Format versions of [`IndexEntry`] records: a blob in a file of its own (V1), a packed blob (V2).
 const INDEX_ENTRY_V1: u8 = 1;
+const INDEX_ENTRY_V2: u8 = 2;
 /// Lock stripes serializing commit, eviction and corruption handling of the same blob.
 const STRIPES: usize = 64;
 /// Eviction frees space down to this fraction of the limit, so it does not run on every write.
@@ -35,26 +37,58 @@ const PRESENCE_CACHE_ENTRIES: usize = 256 * 1024;
 /// written again: FindMissingBlobs of 10,000 present blobs costs 10,000 index reads, not writes.
 const MAX_TOUCH_GRANULARITY: Duration = Duration::from_secs(60);
 
-/// What the index knows of a stored blob. Persisted behind [`INDEX_ENTRY_V1`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What the index knows of a stored blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct IndexEntry {
     /// Blob size in bytes.
     size: u64,
     /// Last access, milliseconds since the Unix epoch, recorded at most `touch_granularity` late.
     atime: u64,
-    /// The boot counter of the last process that hashed the file and found it intact.
+    /// The boot counter of the last process that hashed the bytes and found them intact.
     verified_boot: u64,
+    /// The record of a packed blob; `None` for a blob in a file of its own.
+    loc: Option<Loc>,
+}
+
+/// [`IndexEntry`] as persisted behind [`INDEX_ENTRY_V1`]: a blob file.
+#[derive(Serialize, Deserialize)]
+struct EntryV1 {
+    size: u64,
+    atime: u64,
+    verified_boot: u64,
+}
+
+/// [`IndexEntry`] as persisted behind [`INDEX_ENTRY_V2`]: a packed blob. Blob files keep V1, so
+/// a node downgraded to a build without packs still reads every entry but the packed ones.
+#[derive(Serialize, Deserialize)]
+struct EntryV2 {
+    size: u64,
+    atime: u64,
+    verified_boot: u64,
+    loc: Loc,
 }
 
 impl IndexEntry {
     fn encode(&self) -> Vec<u8> {
-        kiln_raft::codec::encode(INDEX_ENTRY_V1, self)
+        let Self { size, atime, verified_boot, loc } = *self;
+        match loc {
+            None => kiln_raft::codec::encode(INDEX_ENTRY_V1, &EntryV1 { size, atime, verified_boot }),
+            Some(loc) => kiln_raft::codec::encode(INDEX_ENTRY_V2, &EntryV2 { size, atime, verified_boot, loc }),
+        }
     }
 
     fn decode(bytes: &[u8]) -> Result<Self> {
         let (version, body) = kiln_raft::codec::split(bytes).map_err(|e| KilnError::Internal(e.to_string()))?;
+        let bad = |e: kiln_raft::codec::CodecError| KilnError::Internal(format!("blob index entry: {e}"));
         match version {
-            INDEX_ENTRY_V1 => kiln_raft::codec::decode_body(body).map_err(|e| KilnError::Internal(e.to_string())),
+            INDEX_ENTRY_V1 => {
+                let EntryV1 { size, atime, verified_boot } = kiln_raft::codec::decode_body(body).map_err(bad)?;
+                Ok(Self { size, atime, verified_boot, loc: None })
+            }
+            INDEX_ENTRY_V2 => {
+                let EntryV2 { size, atime, verified_boot, loc } = kiln_raft::codec::decode_body(body).map_err(bad)?;
+                Ok(Self { size, atime, verified_boot, loc: Some(loc) })
+            }
             v => Err(KilnError::Internal(format!("blob index entry has unknown format version {v}"))),
         }
     }
@@ -68,7 +102,7 @@ pub enum OpenBlob {
 
 /// A job for the group-commit thread of the `batch` fsync policy.
 struct SyncJob {
-    file: File,
+    file: Arc<File>,
     dir: PathBuf,
 }
 
@@ -95,6 +129,8 @@ struct Inner {
     fsync: FsyncPolicy,
     syncer: Option<std::sync::mpsc::SyncSender<SyncJob>>,
     memory: Mutex<MemoryTier>,
+    /// Small blobs, appended to shared files.
+    packs: Packs,
     /// Blobs recently found or stored, with their size and recorded access time: a presence
     /// check whose blob is here, touched within the touch granularity, needs no index read.
     /// Such a blob is inside its protect window, so eviction cannot take it meanwhile; the
@@ -115,6 +151,8 @@ struct Inner {
     /// after a crash once the start-up scan re-indexed what the lost index writes missed.
     /// Until then an index miss is double-checked on disk.
     index_complete: std::sync::atomic::AtomicBool,
+    /// A pack compaction pass is running.
+    compacting: std::sync::atomic::AtomicBool,
 }
 
 /// Meta key present while the index is known complete (set at clean shutdown).
@@ -162,6 +200,7 @@ impl BlobStore {
         db.flush()?;
         let index = db.open_tree("cas_index")?;
         let lru = db.open_tree("cas_lru")?;
+        let packs = Packs::open(dir.join("packs"), cfg.storage.pack_file_bytes)?;
         let mut total = 0u64;
         let absent = AbsentFilter::default();
         for item in index.iter() {
@@ -171,6 +210,15 @@ impl BlobStore {
             }
             if let Ok(e) = IndexEntry::decode(&v) {
                 total += e.size;
+                if let Some(loc) = e.loc {
+                    packs.count_live(loc, e.size);
+                }
+            }
+        }
+        if clean {
+            let n = packs.delete_unused();
+            if n > 0 {
+                tracing::info!(packs = n, "deleted packs nothing indexed refers to");
             }
         }
         let syncer = (cfg.storage.fsync == FsyncPolicy::Batch)
@@ -193,6 +241,7 @@ impl BlobStore {
                 foldhash::fast::RandomState::default(),
             )),
             memory: Mutex::new(MemoryTier::new(cfg.storage.memory_tier_bytes, cfg.storage.memory_tier_max_blob_bytes)),
+            packs,
             total_bytes: AtomicU64::new(total),
             max_size: cfg.storage.max_size_bytes,
             protect_ms,
@@ -203,15 +252,18 @@ impl BlobStore {
             partial_ttl: Duration::from_secs(cfg.storage.partial_upload_ttl_secs),
             meta,
             index_complete: std::sync::atomic::AtomicBool::new(clean),
+            compacting: std::sync::atomic::AtomicBool::new(false),
         }));
         if !clean {
             let s = store.clone();
             std::thread::Builder::new()
                 .name("kiln-cas-scan".into())
-                .spawn(move || match s.reindex_files() {
+                .spawn(move || match s.reindex_files().and_then(|n| Ok(n + s.reindex_packs()?)) {
                     Ok(n) => {
                         s.0.index_complete.store(true, Ordering::Release);
-                        tracing::info!(reindexed = n, "blob files scanned after an unclean shutdown");
+                        let unused = s.0.packs.delete_unused();
+                        tracing::info!(reindexed = n, unused_packs_deleted = unused, "blob files and packs scanned after an unclean shutdown");
+                        s.request_compaction();
                     }
                     Err(e) => tracing::error!(error = %e, "scanning blob files failed; index misses stay double-checked"),
                 })
@@ -219,6 +271,9 @@ impl BlobStore {
         }
         metrics::gauge!(m::CAS_STORED_BYTES).set(total as f64);
         tracing::info!(boot, stored_bytes = total, "blob store open");
+        if clean {
+            store.request_compaction();
+        }
         Ok(store)
     }
 
@@ -273,7 +328,7 @@ impl BlobStore {
         match std::fs::metadata(&path) {
             Ok(md) if md.len() == d.size => {
                 let _g = self.stripe(&key);
-                let e = IndexEntry { size: d.size, atime: now_ms(), verified_boot: 0 };
+                let e = IndexEntry { size: d.size, atime: now_ms(), verified_boot: 0, loc: None };
                 let raw: sled::IVec = e.encode().into();
                 self.0.absent.insert(&key);
                 if self.0.index.compare_and_swap(key, None as Option<&[u8]>, Some(raw.clone()))?.is_ok() {
@@ -426,6 +481,9 @@ impl BlobStore {
             return Ok(None);
         }
         let Some((e, raw)) = self.lookup(d)? else { return Ok(None) };
+        if let Some(loc) = e.loc {
+            return self.open_packed(d, e, raw, loc);
+        }
         let path = self.path_of(d);
         let mut file = match File::open(&path) {
             Ok(f) => f,
@@ -450,6 +508,44 @@ impl BlobStore {
         }
         self.touch(&key, &raw, &e)?;
         Ok(Some(OpenBlob::File(file, d.size)))
+    }
+
+    /// Reads a packed blob (hashing it first if this process has not yet) into the memory tier.
+    fn open_packed(&self, d: &BlobDigest, e: IndexEntry, raw: sled::IVec, loc: Loc) -> Result<Option<OpenBlob>> {
+        let key = d.key();
+        let (e, raw, bytes) = match self.0.packs.read(loc, &key, d.size)? {
+            Some(b) => (e, raw, b),
+            // Compaction may have moved the record since the index read: look once more.
+            None => match self.lookup(d)? {
+                Some((e2, raw2)) if e2.loc.is_some_and(|l| l != loc) => {
+                    match self.0.packs.read(e2.loc.expect("checked"), &key, d.size)? {
+                        Some(b) => (e2, raw2, b),
+                        None => {
+                            self.forget(d, "pack record missing")?;
+                            return Ok(None);
+                        }
+                    }
+                }
+                Some(_) => {
+                    self.forget(d, "pack record missing")?;
+                    return Ok(None);
+                }
+                None => return Ok(None),
+            },
+        };
+        if e.verified_boot != self.0.boot {
+            if d.function.digest_of(&bytes).hash != d.hash {
+                metrics::counter!(m::CAS_CORRUPT_BLOBS).increment(1);
+                tracing::error!(digest = %d, pack = e.loc.map(|l| l.pack), "packed blob bytes do not match the digest: dropped");
+                self.forget(d, "corrupt")?;
+                return Ok(None);
+            }
+            let verified = IndexEntry { verified_boot: self.0.boot, ..e };
+            let _ = self.0.index.compare_and_swap(key, Some(&raw), Some(verified.encode()))?;
+        }
+        self.touch(&key, &raw, &e)?;
+        self.0.memory.lock().insert(key, bytes.clone());
+        Ok(Some(OpenBlob::Memory(bytes)))
     }
 
     /// Reads a whole blob into memory; for small blobs only (batch reads, inlining).
@@ -481,6 +577,9 @@ impl BlobStore {
             if let Ok(e) = IndexEntry::decode(&raw) {
                 self.0.lru.remove(lru_key(e.atime, &key))?;
                 self.add_total(-(e.size as i64));
+                if let Some(loc) = e.loc {
+                    self.0.packs.release(loc, e.size);
+                }
             }
         }
         let _ = std::fs::remove_file(self.path_of(d));
@@ -497,10 +596,136 @@ impl BlobStore {
     /// Stores in-memory blobs whose sizes and hashes the caller has just checked. One result
     /// per blob, in order.
     pub fn put_checked_many(&self, blobs: Vec<(BlobDigest, Bytes)>) -> Vec<Result<()>> {
-        blobs.into_iter().map(|(d, data)| self.put_checked(&d, data)).collect()
+        if blobs.iter().all(|(d, _)| d.size <= PACK_MAX_BLOB) {
+            return self.put_packed(&blobs);
+        }
+        let (small, large): (Vec<_>, Vec<_>) = blobs.into_iter().enumerate().partition(|(_, (d, _))| d.size <= PACK_MAX_BLOB);
+        let mut out: Vec<Option<Result<()>>> = (0..small.len() + large.len()).map(|_| None).collect();
+        let (idx, small): (Vec<usize>, Vec<(BlobDigest, Bytes)>) = small.into_iter().unzip();
+        for (i, r) in idx.into_iter().zip(self.put_packed(&small)) {
+            out[i] = Some(r);
+        }
+        for (i, (d, data)) in large {
+            out[i] = Some(self.put_file(&d, data));
+        }
+        out.into_iter().map(|r| r.unwrap_or_else(|| Err(KilnError::Internal("blob result missing".into())))).collect()
     }
 
-    /// Stores an in-memory blob whose size and hash the caller has just checked.
+    /// Appends small blobs whose sizes and hashes the caller has checked to the active pack,
+    /// with one write and at most one sync, then indexes them. One result per blob, in order.
+    fn put_packed(&self, blobs: &[(BlobDigest, Bytes)]) -> Vec<Result<()>> {
+        let mut out: Vec<Result<()>> = (0..blobs.len()).map(|_| Ok(())).collect();
+        let mut todo = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, (d, _)) in blobs.iter().enumerate() {
+            if d.is_empty_blob() {
+                continue;
+            }
+            match self.contains(d) {
+                Ok(true) => {}
+                Ok(false) => {
+                    if seen.insert(d.key()) {
+                        todo.push(i);
+                    }
+                }
+                Err(e) => out[i] = Err(e),
+            }
+        }
+        if todo.is_empty() {
+            return out;
+        }
+        let fail_all = |out: &mut Vec<Result<()>>, todo: &[usize], e: KilnError| {
+            for &i in todo {
+                out[i] = Err(match &e {
+                    KilnError::ResourceExhausted(m) => KilnError::ResourceExhausted(m.clone()),
+                    other => KilnError::Internal(other.to_string()),
+                });
+            }
+        };
+        let incoming: u64 = todo.iter().map(|&i| blobs[i].0.size).sum();
+        if let Err(e) = self.make_room(incoming) {
+            fail_all(&mut out, &todo, e);
+            return out;
+        }
+        let records: Vec<(Key, &[u8])> = todo.iter().map(|&i| (blobs[i].0.key(), &blobs[i].1[..])).collect();
+        let app = match self.0.packs.append(&records) {
+            Ok(a) => a,
+            Err(e) => {
+                fail_all(&mut out, &todo, e);
+                return out;
+            }
+        };
+        if self.0.fsync == FsyncPolicy::Always {
+            let synced = app.file.sync_data().and_then(|()| if app.new_pack { sync_dir(self.0.packs.dir()) } else { Ok(()) });
+            if let Err(e) = synced {
+                for (&i, loc) in todo.iter().zip(&app.locs) {
+                    self.0.packs.release(*loc, blobs[i].0.size);
+                }
+                fail_all(&mut out, &todo, KilnError::io("fsync of a pack", e));
+                return out;
+            }
+        }
+        let now = now_ms();
+        for (&i, loc) in todo.iter().zip(&app.locs) {
+            let (d, data) = &blobs[i];
+            match self.index_packed(d, *loc, now) {
+                Ok(()) => self.0.memory.lock().insert(d.key(), data.clone()),
+                Err(e) => {
+                    self.0.packs.release(*loc, d.size);
+                    out[i] = Err(e);
+                }
+            }
+        }
+        match self.0.fsync {
+            FsyncPolicy::Always => {
+                if let Err(e) = self.0.flush.flush() {
+                    fail_all(&mut out, &todo, e);
+                }
+            }
+            FsyncPolicy::Batch => {
+                if let Some(tx) = &self.0.syncer {
+                    let job = SyncJob { file: app.file, dir: self.0.packs.dir().to_path_buf() };
+                    if let Err(std::sync::mpsc::TrySendError::Full(job)) = tx.try_send(job) {
+                        let _ = job.file.sync_data();
+                        let _ = sync_dir(&job.dir);
+                    }
+                }
+            }
+            FsyncPolicy::Never => {}
+        }
+        metrics::counter!(m::CAS_BLOBS_WRITTEN).increment(todo.len() as u64);
+        metrics::counter!(m::CAS_BYTES_WRITTEN).increment(incoming);
+        out
+    }
+
+    /// Indexes a packed blob at `loc`; a copy it replaces (a racing writer's) is released.
+    fn index_packed(&self, d: &BlobDigest, loc: Loc, now: u64) -> Result<()> {
+        let key = d.key();
+        let _g = self.stripe(&key);
+        let e = IndexEntry { size: d.size, atime: now, verified_boot: self.0.boot, loc: Some(loc) };
+        self.0.absent.insert(&key);
+        match self.0.index.insert(key, e.encode())? {
+            Some(old) => {
+                if let Ok(old) = IndexEntry::decode(&old) {
+                    self.0.lru.remove(lru_key(old.atime, &key))?;
+                    self.add_total(d.size as i64 - old.size as i64);
+                    match old.loc {
+                        Some(l) => self.0.packs.release(l, old.size),
+                        None => {
+                            let _ = std::fs::remove_file(self.path_of(d));
+                        }
+                    }
+                }
+            }
+            None => self.add_total(d.size as i64),
+        }
+        self.0.lru.insert(lru_key(now, &key), &[])?;
+        self.0.presence.lock().put(key, (d.size, now));
+        Ok(())
+    }
+
+    /// Stores an in-memory blob whose size and hash the caller has just checked: appended to a
+    /// pack if small ([`super::pack`]), else in a file of its own.
     ///
     /// The file is created at its final path, not written aside and renamed: a rename costs
     /// as much as the rest of a small blob's write, and the temp directory's lock, shared by
@@ -509,6 +734,14 @@ impl BlobStore {
     /// none, and the start-up scan indexes it as unverified, so its first read hashes it and
     /// drops it.
     pub fn put_checked(&self, d: &BlobDigest, data: Bytes) -> Result<()> {
+        if d.size <= PACK_MAX_BLOB {
+            return self.put_packed(&[(*d, data)]).pop().unwrap_or(Ok(()));
+        }
+        self.put_file(d, data)
+    }
+
+    /// Stores a checked in-memory blob in a file of its own.
+    fn put_file(&self, d: &BlobDigest, data: Bytes) -> Result<()> {
         if d.is_empty_blob() || self.contains(d)? {
             return Ok(());
         }
@@ -559,13 +792,16 @@ impl BlobStore {
             if let Some(tmp) = tmp {
                 std::fs::rename(tmp, &path).map_err(|e| KilnError::io(format!("renaming blob {d} into place"), e))?;
             }
-            let e = IndexEntry { size: d.size, atime: now, verified_boot: self.0.boot };
+            let e = IndexEntry { size: d.size, atime: now, verified_boot: self.0.boot, loc: None };
             self.0.absent.insert(&key);
             match self.0.index.insert(key, e.encode())? {
                 Some(old) => {
                     if let Ok(old) = IndexEntry::decode(&old) {
                         self.0.lru.remove(lru_key(old.atime, &key))?;
                         self.add_total(d.size as i64 - old.size as i64);
+                        if let Some(l) = old.loc {
+                            self.0.packs.release(l, old.size);
+                        }
                     }
                 }
                 None => self.add_total(d.size as i64),
@@ -583,7 +819,7 @@ impl BlobStore {
                 if let Some(tx) = &self.0.syncer {
                     // A full queue means the disk is behind: sync inline rather than queue
                     // without bound.
-                    if let Err(std::sync::mpsc::TrySendError::Full(job)) = tx.try_send(SyncJob { file, dir }) {
+                    if let Err(std::sync::mpsc::TrySendError::Full(job)) = tx.try_send(SyncJob { file: Arc::new(file), dir }) {
                         let _ = job.file.sync_data();
                         let _ = sync_dir(&job.dir);
                     }
@@ -659,13 +895,19 @@ impl BlobStore {
             let mut hash = [0u8; HASH_LEN];
             hash.copy_from_slice(&key[1..]);
             let d = BlobDigest { function, hash, size: e.size };
-            let _ = std::fs::remove_file(self.path_of(&d));
+            match e.loc {
+                Some(loc) => self.0.packs.release(loc, e.size),
+                None => {
+                    let _ = std::fs::remove_file(self.path_of(&d));
+                }
+            }
             self.add_total(-(e.size as i64));
             evicted += 1;
         }
         if evicted > 0 {
             metrics::counter!(m::CAS_EVICTIONS).increment(evicted as u64);
             tracing::info!(evicted, stored_bytes = self.stored_bytes(), "evicted blobs");
+            self.request_compaction();
         }
         Ok(evicted)
     }
@@ -761,7 +1003,100 @@ impl BlobStore {
 
     /// Drops a copy this node no longer needs (its owners hold the blob).
     pub fn drop_copy(&self, d: &BlobDigest) -> Result<()> {
-        self.forget(d, "moved to its owners")
+        self.forget(d, "moved to its owners")?;
+        self.request_compaction();
+        Ok(())
+    }
+
+    /// Indexes the records of packs a crash kept out of the index, as not yet verified.
+    /// Only packs of earlier processes: this one's records are indexed as they are appended.
+    fn reindex_packs(&self) -> Result<usize> {
+        let mut n = 0;
+        for id in self.0.packs.ids_before_open() {
+            for (key, size, loc) in self.0.packs.records(id)? {
+                let _g = self.stripe(&key);
+                if self.0.index.get(key)?.is_some() {
+                    continue;
+                }
+                let e = IndexEntry { size, atime: now_ms(), verified_boot: 0, loc: Some(loc) };
+                self.0.absent.insert(&key);
+                if self.0.index.compare_and_swap(key, None as Option<&[u8]>, Some(e.encode()))?.is_ok() {
+                    self.0.lru.insert(lru_key(e.atime, &key), &[])?;
+                    self.0.packs.count_live(loc, size);
+                    self.add_total(size as i64);
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Starts a compaction pass in the background unless one is running.
+    fn request_compaction(&self) {
+        if self.0.compacting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let s = self.clone();
+        let spawned = std::thread::Builder::new().name("kiln-cas-compact".into()).spawn(move || {
+            match s.compact_packs() {
+                Ok(0) => {}
+                Ok(moved) => tracing::info!(moved, "compacted packs"),
+                Err(e) => tracing::warn!(error = %e, "pack compaction failed"),
+            }
+            s.0.compacting.store(false, Ordering::Release);
+        });
+        if spawned.is_err() {
+            self.0.compacting.store(false, Ordering::Release);
+        }
+    }
+
+    /// Rewrites closed packs less than half live: their live records are appended to the
+    /// active pack and their index entries moved; once synced, the old pack is deleted.
+    /// Returns how many records moved.
+    pub fn compact_packs(&self) -> Result<usize> {
+        if !self.index_complete() {
+            return Ok(0); // what is live is not known yet
+        }
+        let mut moved_total = 0;
+        for id in self.0.packs.compaction_candidates() {
+            let mut moved: Vec<(Loc, u64)> = Vec::new();
+            let mut files: Vec<Arc<File>> = Vec::new();
+            for (key, size, loc) in self.0.packs.records(id)? {
+                let _g = self.stripe(&key);
+                // Touches rewrite entries without the stripe lock (compare-and-swap): retry a few.
+                for _ in 0..4 {
+                    let Some(raw) = self.0.index.get(key)? else { break };
+                    let Ok(e) = IndexEntry::decode(&raw) else { break };
+                    if e.loc != Some(loc) {
+                        break;
+                    }
+                    let Some(bytes) = self.0.packs.read(loc, &key, size)? else { break };
+                    let app = self.0.packs.append(&[(key, &bytes)])?;
+                    let new = IndexEntry { loc: Some(app.locs[0]), ..e };
+                    if self.0.index.compare_and_swap(key, Some(&raw), Some(new.encode()))?.is_ok() {
+                        if !files.iter().any(|f| Arc::ptr_eq(f, &app.file)) {
+                            files.push(app.file);
+                        }
+                        moved.push((loc, size));
+                        break;
+                    }
+                    self.0.packs.release(app.locs[0], size);
+                }
+            }
+            // The new copies and their entries are durable before the old records can go.
+            for f in &files {
+                f.sync_data().map_err(|e| KilnError::io("fsync of a pack", e))?;
+            }
+            sync_dir(self.0.packs.dir()).map_err(|e| KilnError::io("fsync of the pack directory", e))?;
+            self.0.flush.flush()?;
+            for (loc, size) in &moved {
+                self.0.packs.release(*loc, *size);
+            }
+            self.0.packs.delete_if_unused(id);
+            metrics::counter!(m::CAS_PACK_RECORDS_MOVED).increment(moved.len() as u64);
+            moved_total += moved.len();
+        }
+        Ok(moved_total)
     }
 
     /// Whether the index is known to list every blob file (tests wait for the start-up scan).
