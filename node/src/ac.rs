@@ -1,8 +1,9 @@
 //! # The Action Cache entries this node holds
 //!
-//! Maps `(instance name, digest function, action hash)` to an `ActionResult`, in a sled tree
-//! flushed before every acknowledgement (an acknowledged update survives `kill -9`). Instance
-//! names keep entries apart; the CAS is shared, since content addresses cannot collide.
+//! Maps `(instance name, digest function, action hash)` to an `ActionResult`, in a sled tree.
+//! An acknowledged update survives `kill -9`: it is written to the write-ahead log
+//! ([`crate::ac_log`]) before the answer, or, under the `always` fsync policy, sled is flushed.
+//! Instance names keep entries apart; the CAS is shared, since content addresses cannot collide.
 //!
 //! This is the local store only; which nodes hold an entry, and the rule that a result is only
 //! handed out while every blob it references is still in the CAS, live in [`crate::storage`].
@@ -10,6 +11,8 @@
 use kiln_proto::reapi::{self, ActionResult};
 use prost::Message;
 
+use crate::ac_log::AcLog;
+use crate::config::{Config, FsyncPolicy};
 use crate::digest::{BlobDigest, DigestFunction};
 use crate::error::{KilnError, Result};
 use crate::flush::GroupFlush;
@@ -21,6 +24,8 @@ const AC_ENTRY_V1: u8 = 1;
 pub struct ActionCacheStore {
     tree: sled::Tree,
     flush: GroupFlush,
+    /// The write-ahead log; `None` under the `always` policy, where each update flushes sled.
+    log: Option<std::sync::Arc<AcLog>>,
 }
 
 fn key(instance: &str, d: &BlobDigest) -> Vec<u8> {
@@ -32,8 +37,30 @@ fn key(instance: &str, d: &BlobDigest) -> Vec<u8> {
 }
 
 impl ActionCacheStore {
-    pub fn open(db: &sled::Db, flush: GroupFlush) -> Result<Self> {
-        Ok(Self { tree: db.open_tree("action_cache")?, flush })
+    pub fn open(db: &sled::Db, flush: GroupFlush, cfg: &Config) -> Result<Self> {
+        let tree = db.open_tree("action_cache")?;
+        let dir = cfg.node.data_dir.join("ac-log");
+        let log = match cfg.storage.fsync {
+            FsyncPolicy::Always => {
+                // Replays what a log of an earlier run under another policy left.
+                AcLog::open(dir, db, tree.clone(), None)?.checkpoint()?;
+                None
+            }
+            FsyncPolicy::Batch => {
+                let window = std::time::Duration::from_millis(cfg.storage.fsync_batch_window_ms);
+                Some(std::sync::Arc::new(AcLog::open(dir, db, tree.clone(), Some(window))?))
+            }
+            FsyncPolicy::Never => Some(std::sync::Arc::new(AcLog::open(dir, db, tree.clone(), None)?)),
+        };
+        Ok(Self { tree, flush, log })
+    }
+
+    /// Makes sled hold everything logged and drops the log files (clean shutdown).
+    pub fn close(&self) -> Result<()> {
+        match &self.log {
+            Some(l) => l.checkpoint(),
+            None => Ok(()),
+        }
     }
 
     /// The stored result's protobuf bytes, unchecked (a peer asking for its replica).
@@ -48,24 +75,38 @@ impl ActionCacheStore {
     }
 
     pub fn put(&self, instance: &str, action: &BlobDigest, result: &ActionResult) -> Result<()> {
-        self.insert(instance, action, result)?;
+        if self.insert(instance, action, result)? {
+            return Ok(());
+        }
         // Durability before acknowledgement: sled buffers writes in-process, so without this
         // flush a kill -9 right after the answer could lose the entry. Concurrent updates
         // share one flush.
         self.flush.flush()
     }
 
-    fn insert(&self, instance: &str, action: &BlobDigest, result: &ActionResult) -> Result<()> {
+    /// Inserts the entry; true if it is already durable (logged), false if sled must be flushed.
+    fn insert(&self, instance: &str, action: &BlobDigest, result: &ActionResult) -> Result<bool> {
         let mut rec = vec![AC_ENTRY_V1];
         result.encode(&mut rec).map_err(|e| KilnError::Internal(e.to_string()))?;
-        self.tree.insert(key(instance, action), rec)?;
-        Ok(())
+        match &self.log {
+            Some(log) => {
+                log.insert(&key(instance, action), &rec)?;
+                Ok(true)
+            }
+            None => {
+                self.tree.insert(key(instance, action), rec)?;
+                Ok(false)
+            }
+        }
     }
 
-    /// [`Self::put`] for async callers: the insert runs in place (sled buffers it in memory),
-    /// the flush is awaited, shared with concurrent updates.
+    /// [`Self::put`] for async callers: the insert and the log write run in place (one
+    /// `write` call); under the `always` policy the flush is awaited, shared with concurrent
+    /// updates.
     pub async fn put_async(&self, instance: &str, action: &BlobDigest, result: &ActionResult) -> Result<()> {
-        self.insert(instance, action, result)?;
+        if self.insert(instance, action, result)? {
+            return Ok(());
+        }
         self.flush.flush_async().await
     }
 

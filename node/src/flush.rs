@@ -1,7 +1,8 @@
 //! # Group flush of the index database
 //!
-//! Writes that must survive `kill -9` before they are acknowledged (Action Cache updates,
-//! blobs kept inline in the index) end with a flush of the sled database. A flush writes and
+//! Writes that must survive `kill -9` before they are acknowledged and have no log of their
+//! own (Action Cache updates under the `always` fsync policy, blob index entries under it,
+//! pack compaction) end with a flush of the sled database. A flush writes and
 //! fsyncs sled's log: one device flush, whatever was written before it. [`GroupFlush`] lets
 //! concurrent callers share one: a caller waits for the first flush that *starts* after its
 //! call (that one covers its writes), and whoever finds no flush running starts it. Sixteen

@@ -12,6 +12,7 @@
 //! - storage methods are blocking and run on tokio's blocking pool, never on the async threads.
 
 pub mod ac;
+pub mod ac_log;
 pub mod build_events;
 pub mod cluster_cli;
 pub mod cas;

@@ -69,6 +69,9 @@ impl RunningNode {
         }
         self.state.event_streams.stop(None);
         self.state.scheduler.shutdown().await;
+        if let Err(e) = self.state.ac.close() {
+            tracing::error!(error = %e, "checkpointing the Action Cache log at shutdown");
+        }
         if let Err(e) = self.state.cas.close() {
             tracing::error!(error = %e, "closing the blob index at shutdown");
         }
@@ -101,7 +104,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     crate::metrics::describe();
     let db = open_db(&cfg)?;
     let cas = BlobStore::open(&cfg, &db)?;
-    let ac = ActionCacheStore::open(&db, cas.group_flush())?;
+    let ac = ActionCacheStore::open(&db, cas.group_flush(), &cfg)?;
 
     let incoming = TcpIncoming::bind(cfg.node.listen)
         .map_err(|e| anyhow::anyhow!("binding gRPC on {}: {e}", cfg.node.listen))?
