@@ -727,6 +727,29 @@ async fn a_running_actions_output_is_readable_live_through_its_log_streams() {
     assert_eq!(st.code(), tonic::Code::InvalidArgument);
 }
 
+/// Live streams are for actions that run a while: one that ends sooner gets none (its output is
+/// in its result), which spares trivial actions two stream creations and two writes.
+#[tokio::test]
+async fn an_action_that_ends_at_once_gets_no_live_streams() {
+    use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+    use kiln_proto::bytestream::ReadRequest;
+    let c = Cluster::start(|_| {}).await;
+    let d = action(&c.node, &["sh", "-c", "echo quick"], &[], &[], None, &[]).await;
+    let ops = drain(c.exec().execute(req(&d, false)).await.unwrap().into_inner()).await;
+    let last = ops.last().unwrap();
+    let r = response(last).result.unwrap();
+    assert_eq!(r.exit_code, 0);
+    assert!(r.stdout_digest.is_some_and(|d| d.size_bytes == 6), "the output is in the result");
+    let st = ByteStreamClient::new(c.node.channel.clone())
+        .read(ReadRequest { resource_name: format!("{}/logstreams/stdout", last.name), read_offset: 0, read_limit: 0 })
+        .await;
+    let st = match st {
+        Ok(s) => s.into_inner().message().await.map(|_| ()).unwrap_err(),
+        Err(st) => st,
+    };
+    assert_eq!(st.code(), tonic::Code::NotFound, "{st:?}");
+}
+
 #[tokio::test]
 async fn a_lease_whose_answer_was_lost_is_handed_out_again() {
     let c = Cluster::start_with_worker(|_| {}, false).await;

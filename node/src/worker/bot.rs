@@ -315,8 +315,8 @@ impl Slot {
             };
             match digest {
                 Some(d) => {
-                    let logs = super::livelog::LiveLogs::create(&channel, &operation).await;
-                    executor.execute_live(channel, &instance, d, action, token, logs).await
+                    let logs = super::livelog::LiveTarget { channel: channel.clone(), operation };
+                    executor.execute_live(channel, &instance, d, action, token, Some(logs)).await
                 }
                 None => ExecuteResponse {
                     status: Some(kiln_proto::rpc_status(tonic::Code::InvalidArgument, "lease payload is not an Action digest", vec![])),

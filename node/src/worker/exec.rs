@@ -202,7 +202,8 @@ impl Executor {
         self.execute_live(cas, instance_name, action_digest, None, cancel, None).await
     }
 
-    /// [`Self::execute`], also streaming the command's stdout and stderr into `logs` while it runs.
+    /// [`Self::execute`], also streaming the command's stdout and stderr live to `logs` if it
+    /// runs long enough ([`super::livelog::LIVE_AFTER`]).
     /// `action` is the Action itself when the lease carried it (then it is not fetched).
     pub async fn execute_live(
         &self,
@@ -211,7 +212,7 @@ impl Executor {
         action_digest: reapi::Digest,
         action: Option<Action>,
         cancel: CancellationToken,
-        logs: Option<super::livelog::LiveLogs>,
+        logs: Option<super::livelog::LiveTarget>,
     ) -> ExecuteResponse {
         let span = tracing::info_span!(
             "execute_action",
@@ -229,7 +230,7 @@ impl Executor {
         action_digest: reapi::Digest,
         action: Option<Action>,
         cancel: CancellationToken,
-        logs: Option<super::livelog::LiveLogs>,
+        logs: Option<super::livelog::LiveTarget>,
     ) -> ExecuteResponse {
         let mut meta = ExecutedActionMetadata {
             worker: self.inner.cfg.worker_name.clone(),
@@ -303,7 +304,7 @@ impl Executor {
         pins: &mut Pins,
         meta: &mut ExecutedActionMetadata,
         result: &mut ActionResult,
-        logs: Option<super::livelog::LiveLogs>,
+        logs: Option<super::livelog::LiveTarget>,
     ) -> Result<Ended, ExecError> {
         let digest =
             BlobDigest::from_proto(DIGEST_FUNCTION, action_digest).map_err(|e| KilnError::invalid(format!("action_digest: {e}")))?;
@@ -415,7 +416,7 @@ impl Executor {
 
     // ---- execute ----
 
-    async fn run_command(&self, p: &Prepared, cancel: CancellationToken, logs: Option<super::livelog::LiveLogs>) -> Result<RunOutcome, ExecError> {
+    async fn run_command(&self, p: &Prepared, cancel: CancellationToken, logs: Option<super::livelog::LiveTarget>) -> Result<RunOutcome, ExecError> {
         let open = |path: &Path| -> Result<std::fs::File> {
             std::fs::File::create(path).map_err(|e| KilnError::io(format!("create {}", path.display()), e))
         };
@@ -443,15 +444,8 @@ impl Executor {
         let mut group = ProcessGroup(child.id());
         tracing::debug!(pid = ?child.id(), ?program, "command started");
         let (done, done_rx) = tokio::sync::watch::channel(false);
-        let tailers: Vec<_> = logs
-            .into_iter()
-            .flat_map(|l| {
-                [
-                    tokio::spawn(super::livelog::tail(p.stdout.clone(), l.stdout, l.channel.clone(), done_rx.clone())),
-                    tokio::spawn(super::livelog::tail(p.stderr.clone(), l.stderr, l.channel, done_rx.clone())),
-                ]
-            })
-            .collect();
+        let tailers: Vec<_> =
+            logs.into_iter().map(|t| tokio::spawn(super::livelog::follow(t, p.stdout.clone(), p.stderr.clone(), done_rx.clone()))).collect();
 
         enum Event {
             Exited(std::io::Result<std::process::ExitStatus>),

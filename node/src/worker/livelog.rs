@@ -1,7 +1,12 @@
-//! Live output: while a command runs, its stdout and stderr files are tailed into the log
-//! streams the bot created for the action (LogStream v1), so a client can watch them through
-//! ByteStream Read on any node. Best effort: if a stream cannot be written (the node went
-//! away), the action goes on and its full output still comes back through the CAS.
+//! Live output: while a command runs, its stdout and stderr files are tailed into log streams
+//! of the action (LogStream v1), so a client can watch them through ByteStream Read on any
+//! node. Best effort: if a stream cannot be written (the node went away), the action goes on
+//! and its full output still comes back through the CAS.
+//!
+//! The streams are created once the command has run for [`LIVE_AFTER`]: most actions end
+//! sooner, and for them two stream creations and two writes would cost more than the action
+//! (about a fifth of the throughput of trivial actions). Their output is in the result. A
+//! reader that comes early gets NOT_FOUND and retries, as it would before the worker started.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,6 +21,8 @@ use tonic::transport::Channel;
 
 /// How often a running command's output files are checked for new bytes.
 const POLL: Duration = Duration::from_millis(200);
+/// A command that runs this long gets live streams.
+pub const LIVE_AFTER: Duration = POLL;
 /// Bytes per WriteRequest.
 const CHUNK: usize = 64 << 10;
 /// Longest the end of a live stream may take once the command ended.
@@ -25,7 +32,27 @@ const CREATE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Output streamed live per stream at most (the node keeps no more).
 const MAX_LIVE_BYTES: u64 = crate::logstream::MAX_STREAM_BYTES as u64;
 
-/// Where an action's output goes live: the write resource names of its two streams.
+/// Where an action's output may go live: the node to create its streams on, and the operation.
+#[derive(Clone)]
+pub struct LiveTarget {
+    pub channel: Channel,
+    pub operation: String,
+}
+
+/// Once the command has run for [`LIVE_AFTER`], creates the operation's streams and tails
+/// `stdout` and `stderr` into them until `done`; nothing if the command ends sooner.
+pub async fn follow(target: LiveTarget, stdout: PathBuf, stderr: PathBuf, mut done: watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(LIVE_AFTER) => {}
+        _ = done.wait_for(|d| *d) => return,
+    }
+    let Some(l) = LiveLogs::create(&target.channel, &target.operation).await else { return };
+    let out = tokio::spawn(tail(stdout, l.stdout, l.channel.clone(), done.clone()));
+    tail(stderr, l.stderr, l.channel, done).await;
+    let _ = out.await;
+}
+
+/// The write resource names of an action's two streams.
 #[derive(Clone)]
 pub struct LiveLogs {
     pub channel: Channel,
