@@ -104,9 +104,19 @@ impl Harness {
         data
     }
 
+    /// Action directories are emptied for reuse: what stays is an empty `root` and empty
+    /// `stdout` and `stderr` files, nothing of the action.
     fn assert_no_action_dir_left(&self) {
-        let left: Vec<_> = std::fs::read_dir(self.work.path().join("actions")).unwrap().collect();
-        assert!(left.is_empty(), "action directories left behind: {left:?}");
+        for dir in std::fs::read_dir(self.work.path().join("actions")).unwrap() {
+            let dir = dir.unwrap().path();
+            let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            names.sort();
+            assert_eq!(names, ["root", "stderr", "stdout"], "{} holds more than an emptied action directory", dir.display());
+            assert_eq!(std::fs::read_dir(dir.join("root")).unwrap().count(), 0, "{}/root is not empty", dir.display());
+            for f in ["stdout", "stderr"] {
+                assert_eq!(std::fs::metadata(dir.join(f)).unwrap().len(), 0, "{}/{f} is not empty", dir.display());
+            }
+        }
     }
 }
 
@@ -505,4 +515,20 @@ async fn the_cache_stays_within_its_bound_once_actions_are_done() {
     // Evicted, so fetched again.
     assert_ok(&h.run(&digest).await);
     assert_eq!(h.exec.stats().blobs_fetched, 2);
+}
+
+/// Action directories are reused: a worker running actions one after another keeps a single
+/// one, and an action that took away its own write permissions leaves nothing to the next.
+#[tokio::test]
+async fn the_next_action_gets_an_empty_reused_directory() {
+    let h = harness().await;
+    let dirty = sh("mkdir -p sub && echo x > sub/f && echo y > top && chmod 555 sub . && echo left-things");
+    let r = h.run(&h.action(&dirty, &[&Directory::default()], &[], None).await).await;
+    assert_eq!(r.result.as_ref().unwrap().exit_code, 0, "{r:?}");
+    let look = sh("ls -A");
+    let r = h.run(&h.action(&look, &[&Directory::default()], &[], None).await).await;
+    let result = r.result.unwrap();
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(result.stdout_digest.unwrap().size_bytes, 0, "the second action saw what the first left");
+    assert_eq!(std::fs::read_dir(h.work.path().join("actions")).unwrap().count(), 1, "one directory, reused");
 }

@@ -408,8 +408,14 @@ fn insert_all(cache: &ContentCache, keys: &[CacheKey], tmp: &Path) -> Result<Vec
 
 /// Builds the action directory `root` (which must not exist) from the plan, hardlinking files
 /// out of the cache, where every key with content is pinned. Blocking.
+/// `root` is created, or is there already and empty (a reused action directory).
 pub fn materialize(root: &Path, plan: &Plan, cache: &ContentCache) -> Result<()> {
-    std::fs::create_dir(root).map_err(|e| KilnError::io(format!("create {}", root.display()), e))?;
+    match std::fs::create_dir(root) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(KilnError::io(format!("create {}", root.display()), e));
+        }
+        _ => {}
+    }
     for d in &plan.dirs {
         let p = root.join(d);
         std::fs::create_dir(&p).map_err(|e| KilnError::io(format!("create input directory {}", p.display()), e))?;
