@@ -22,6 +22,7 @@
 mod absent;
 mod memory;
 mod pack;
+mod presence;
 mod read;
 mod store;
 mod upload;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::absent::AbsentFilter;
 use super::memory::MemoryTier;
+use super::presence::PresenceCache;
 use super::pack::{Loc, Packs, PACK_MAX_BLOB};
 use super::upload::UploadState;
 use crate::config::{Config, FsyncPolicy};
@@ -31,7 +32,7 @@ const INDEX_ENTRY_V2: u8 = 2;
 const STRIPES: usize = 64;
 /// Eviction frees space down to this fraction of the limit, so it does not run on every write.
 const EVICT_LOW_WATERMARK: f64 = 0.9;
-/// Entries of the presence cache (about 100 bytes each).
+/// Entries of the presence cache (about 60 bytes each).
 const PRESENCE_CACHE_ENTRIES: usize = 256 * 1024;
 /// Longest delay between a touch and its record in the index. Touches inside it are not
 /// written again: FindMissingBlobs of 10,000 present blobs costs 10,000 index reads, not writes.
@@ -135,7 +136,7 @@ struct Inner {
     /// check whose blob is here, touched within the touch granularity, needs no index read.
     /// Such a blob is inside its protect window, so eviction cannot take it meanwhile; the
     /// paths that drop a blob otherwise (corruption, a copy moved to its owners) remove it.
-    presence: Mutex<lru::LruCache<Key, (u64, u64), foldhash::fast::RandomState>>,
+    presence: Mutex<PresenceCache>,
     /// Keys certainly not indexed (trusted only while the index is complete).
     absent: AbsentFilter,
     total_bytes: AtomicU64,
@@ -235,11 +236,7 @@ impl BlobStore {
             fsync: cfg.storage.fsync,
             syncer,
             absent,
-            // A seeded fast hasher: the keys are client-chosen, SipHash's cost showed in profiles.
-            presence: Mutex::new(lru::LruCache::with_hasher(
-                std::num::NonZeroUsize::new(PRESENCE_CACHE_ENTRIES).expect("non-zero"),
-                foldhash::fast::RandomState::default(),
-            )),
+            presence: Mutex::new(PresenceCache::new(PRESENCE_CACHE_ENTRIES)),
             memory: Mutex::new(MemoryTier::new(cfg.storage.memory_tier_bytes, cfg.storage.memory_tier_max_blob_bytes)),
             packs,
             total_bytes: AtomicU64::new(total),
@@ -386,7 +383,7 @@ impl BlobStore {
             return Ok(true);
         }
         let now = now_ms();
-        if self.0.presence.lock().get(&d.key()).is_some_and(|c| self.cached_present(c, d, now)) {
+        if self.0.presence.lock().get(&d.key()).is_some_and(|c| self.cached_present(&c, d, now)) {
             return Ok(true);
         }
         self.contains_uncached(d, now)
