@@ -28,7 +28,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 use kiln_proto::peer::{
-    ActionResultEntry, ActionResultKey, BlobChunk, HasBlobsRequest, PutBlobsRequest, ReadBlobRequest, UploadKey, WholeBlob, PEER_VERSION,
+    ActionResultEntry, ActionResultKey, BlobChunk, GetBlobsRequest, HasBlobsRequest, PutBlobsRequest, ReadBlobRequest, UploadKey, WholeBlob,
+    PEER_VERSION,
 };
 use kiln_proto::reapi::{self, ActionResult};
 use kiln_raft::network::PeerChannels;
@@ -417,6 +418,7 @@ impl Storage {
         if self.is_alone() {
             return first;
         }
+        let first = self.get_from_owners(&ds, first).await;
         let this = self.clone();
         futures::stream::iter(ds.into_iter().zip(first).map(move |(d, r)| {
             let this = this.clone();
@@ -430,6 +432,48 @@ impl Storage {
         .buffered(16)
         .collect::<Vec<_>>()
         .await
+    }
+
+    /// Fills the blobs `found` lacks from their first owners, with one GetBlobs call per owner,
+    /// all at once. Not kept locally: this node does not own them, and a repair pass would drop
+    /// the copies again. What an owner lacks, or an owner that does not answer, is left for the
+    /// per-blob path (next owners, other members, read-repair).
+    async fn get_from_owners(&self, ds: &[BlobDigest], mut found: Vec<Result<Option<Bytes>>>) -> Vec<Result<Option<Bytes>>> {
+        let mut by_node: BTreeMap<u64, (Owner, Vec<usize>)> = BTreeMap::new();
+        for (i, (d, r)) in ds.iter().zip(&found).enumerate() {
+            if !matches!(r, Ok(None)) {
+                continue;
+            }
+            if let Some(o) = self.owners(d).into_iter().find(|o| o.id != self.node_id) {
+                by_node.entry(o.id).or_insert_with(|| (o, Vec::new())).1.push(i);
+            }
+        }
+        let gets = by_node.into_values().map(|(o, idx)| async move {
+            let req = GetBlobsRequest { version: PEER_VERSION, digests: idx.iter().map(|&i| peer_digest(&ds[i])).collect() };
+            let got = match self.client(&o) {
+                Ok(mut c) => c.get_blobs(req).await.map(|r| r.into_inner().blobs),
+                Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+            };
+            match got {
+                Ok(blobs) => idx.into_iter().zip(blobs.into_iter().map(Some).chain(std::iter::repeat(None))).collect::<Vec<_>>(),
+                Err(e) => {
+                    tracing::debug!(node = o.id, error = %e, "batched blob read failed; reading one by one");
+                    Vec::new()
+                }
+            }
+        });
+        let got: Vec<(usize, BlobDigest, Vec<u8>)> = futures::future::join_all(gets)
+            .await
+            .into_iter()
+            .flatten()
+            .filter_map(|(i, b)| b.filter(|b| b.found).map(|b| (i, ds[i], b.data)))
+            .collect();
+        // Checked (off the async threads): a peer's bytes are served only if they hash to the digest.
+        let checked = blocking(move || Ok(got.into_iter().filter(|(_, d, data)| crate::cas::check_content(d, data).is_ok()).collect::<Vec<_>>())).await;
+        for (i, _, data) in checked.unwrap_or_default() {
+            found[i] = Ok(Some(Bytes::from(data)));
+        }
+        found
     }
 
     /// A whole small blob, from wherever it is.

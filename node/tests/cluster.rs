@@ -506,4 +506,36 @@ async fn a_batch_through_one_node_is_on_every_owner_when_acknowledged() {
         .unwrap()
         .into_inner();
     assert_eq!((r.present, r.present_indices), (vec![], vec![1]));
+
+    // A batch read through a node that holds none of the blobs: they come from their owners in
+    // one call each (nothing cached on the way, as this node owns none of them), checked.
+    let node3 = 3u64;
+    let foreign: Vec<&Vec<u8>> = blobs.iter().filter(|b| !owners_of(&sha256(b), &members).contains(&node3)).collect();
+    assert!(foreign.len() >= 5, "some of 60 blobs are not node 3's");
+    for b in &foreign {
+        assert!(!holds(&nodes[2].client, &sha256(b)).await);
+    }
+    let resp = ContentAddressableStorageClient::new(nodes[2].client.channel.clone())
+        .batch_read_blobs(kiln_proto::reapi::BatchReadBlobsRequest {
+            instance_name: String::new(),
+            digests: foreign.iter().map(|b| sha256(b)).collect(),
+            acceptable_compressors: vec![],
+            digest_function: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.responses.len(), foreign.len());
+    for (r, b) in resp.responses.iter().zip(&foreign) {
+        assert_eq!((r.status.as_ref().map(|s| s.code), &r.data), (Some(0), *b));
+    }
+    for b in &foreign {
+        assert!(!holds(&nodes[2].client, &sha256(b)).await, "read through the batched path, not copied");
+    }
+    let r = PeerClient::new(nodes[1].client.channel.clone())
+        .get_blobs(kiln_proto::peer::GetBlobsRequest { version: PEER_VERSION, digests: vec![peer(&sha256(b"nothing")), peer(&sha256(&good))] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.blobs.iter().map(|b| (b.found, b.data.clone())).collect::<Vec<_>>(), vec![(false, vec![]), (true, good.clone())]);
 }

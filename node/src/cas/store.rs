@@ -566,6 +566,13 @@ impl BlobStore {
 
     /// Drops a blob whose file is gone or corrupt from index, memory and disk.
     fn forget(&self, d: &BlobDigest, why: &str) -> Result<()> {
+        self.drop_blob(d)?;
+        tracing::warn!(digest = %d, why, "blob dropped");
+        Ok(())
+    }
+
+    /// Removes a blob from index, memory and disk.
+    fn drop_blob(&self, d: &BlobDigest) -> Result<()> {
         let key = d.key();
         let _g = self.stripe(&key);
         self.0.memory.lock().remove(&key);
@@ -575,12 +582,13 @@ impl BlobStore {
                 self.0.lru.remove(lru_key(e.atime, &key))?;
                 self.add_total(-(e.size as i64));
                 if let Some(loc) = e.loc {
+                    // A packed blob has no file of its own: no unlink to try.
                     self.0.packs.release(loc, e.size);
+                    return Ok(());
                 }
             }
         }
         let _ = std::fs::remove_file(self.path_of(d));
-        tracing::warn!(digest = %d, why, "blob dropped");
         Ok(())
     }
 
@@ -999,8 +1007,9 @@ impl BlobStore {
     }
 
     /// Drops a copy this node no longer needs (its owners hold the blob).
+    /// Not logged one by one (a repair pass may drop thousands): the pass logs the count.
     pub fn drop_copy(&self, d: &BlobDigest) -> Result<()> {
-        self.forget(d, "moved to its owners")?;
+        self.drop_blob(d)?;
         self.request_compaction();
         Ok(())
     }

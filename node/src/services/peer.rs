@@ -9,13 +9,16 @@ use futures::{Stream, StreamExt};
 use kiln_proto::peer::peer_server::Peer;
 use kiln_proto::peer::{
     ActionResultEntry, ActionResultKey, AddMemberRequest, BlobChunk, HasBlobsRequest, HasBlobsResponse, Member,
-    ProposeRequest, ProposeResponse, PutBlobsRequest, PutBlobsResponse, RaftRequest, RaftResponse, ReadBlobRequest, RemoveMemberRequest, StatusRequest,
+    ProposeRequest, ProposeResponse, PutBlobsRequest, PutBlobsResponse, GetBlobsRequest, GetBlobsResponse, FoundBlob, RaftRequest, RaftResponse, ReadBlobRequest, RemoveMemberRequest, StatusRequest,
     StatusResponse, UploadKey, UploadStatusResponse, WriteBlobResponse, MIN_PEER_VERSION, PEER_VERSION,
 };
 use kiln_raft::network::{decode, encode};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::blocking;
+
+/// Bytes one GetBlobs call may ask for (held in memory on both sides).
+pub const MAX_GET_BLOBS_BYTES: u64 = 16 << 20;
 use crate::cas::{check_content, UploadState};
 use crate::digest::{BlobDigest, DigestFunction};
 use crate::error::{KilnError, Result};
@@ -221,6 +224,33 @@ impl Peer for PeerService {
         .await?;
         let errors = results.into_iter().map(|r| r.err().map(|e| e.to_string()).unwrap_or_default()).collect();
         Ok(Response::new(PutBlobsResponse { errors }))
+    }
+
+    async fn get_blobs(&self, request: Request<GetBlobsRequest>) -> std::result::Result<Response<GetBlobsResponse>, Status> {
+        let req = request.into_inner();
+        check_version(req.version)?;
+        let digests: Vec<BlobDigest> = req.digests.iter().map(|d| from_peer_digest(Some(d))).collect::<Result<_>>()?;
+        let total: u64 = digests.iter().map(|d| d.size).sum();
+        if total > MAX_GET_BLOBS_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "GetBlobs of {} blobs totals {total} bytes, over {MAX_GET_BLOBS_BYTES}: read them with ReadBlob",
+                digests.len()
+            )));
+        }
+        let cas = self.state.cas.clone();
+        let blobs = blocking(move || {
+            digests
+                .iter()
+                .map(|d| {
+                    Ok(match cas.read_all(d)? {
+                        Some(b) => FoundBlob { found: true, data: b.to_vec() },
+                        None => FoundBlob { found: false, data: Vec::new() },
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .await?;
+        Ok(Response::new(GetBlobsResponse { blobs }))
     }
 
     async fn write_blob(&self, request: Request<Streaming<BlobChunk>>) -> std::result::Result<Response<WriteBlobResponse>, Status> {
