@@ -4,7 +4,8 @@
 //! Layout of `work_dir`:
 //! - `actions/<uuid>/root/`: the input root of one running action, its working directory
 //!   somewhere below; `actions/<uuid>/stdout` and `stderr` sit beside the root so that an
-//!   output directory `""` (the whole root) does not capture them;
+//!   output directory `""` (the whole root) does not capture them. After an action its
+//!   directory is emptied (root cleared, output files truncated) and kept for a later one;
 //! - `cache/`: the local content cache ([`super::cache`]);
 //! - `tmp/`: files being fetched into the cache.
 //!
