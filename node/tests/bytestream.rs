@@ -123,3 +123,26 @@ async fn many_concurrent_uploads_of_the_same_and_different_blobs() {
         assert_eq!(bs_read(&n, &blob_resource("", &d), 0, 0).await.unwrap(), data);
     }
 }
+
+/// A large upload is hashed as it streams: a wrong digest is refused and nothing is stored, and
+/// an upload parked halfway resumes with the hash state of what it had.
+#[tokio::test]
+async fn a_large_upload_is_checked_and_resumes_with_its_hash_state() {
+    let n = TestNode::start().await;
+    let data = pseudo_random(12 << 20, 77);
+    let d = sha256(&data);
+    let mut wrong = d.clone();
+    wrong.hash = sha256(b"other").hash;
+    let e = bs_write(&n, &upload_resource("", "big-wrong", &wrong), &data).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("hash mismatch"), "{}", e.message());
+    assert!(bs_read(&n, &blob_resource("", &wrong), 0, 0).await.is_err(), "a mismatching blob is not stored");
+
+    let res = upload_resource("", "big-resume", &d);
+    let half = 5 << 20;
+    let reqs = write_requests(&res, &data[..half], 0, 1 << 20, false);
+    assert_eq!(n.bs().write(futures::stream::iter(reqs)).await.unwrap().into_inner().committed_size, half as i64);
+    let reqs = write_requests(&res, &data, half, 1 << 20, true);
+    assert_eq!(n.bs().write(futures::stream::iter(reqs)).await.unwrap().into_inner().committed_size, data.len() as i64);
+    assert_eq!(bs_read(&n, &blob_resource("", &d), 0, 0).await.unwrap(), data);
+}
