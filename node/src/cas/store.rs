@@ -705,28 +705,39 @@ impl BlobStore {
 
     /// Indexes a packed blob at `loc`; a copy it replaces (a racing writer's) is released.
     fn index_packed(&self, d: &BlobDigest, loc: Loc, now: u64) -> Result<()> {
+        let _g = self.stripe(&d.key());
+        if let Some(old) = self.index_new(d, Some(loc), now)? {
+            if old.loc.is_none() {
+                let _ = std::fs::remove_file(self.path_of(d));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the index entry of a blob just stored (at `loc`, or in its file), with its LRU
+    /// record and totals; a packed record the entry replaces is released. Returns the replaced
+    /// entry. The caller holds the blob's stripe.
+    fn index_new(&self, d: &BlobDigest, loc: Option<Loc>, now: u64) -> Result<Option<IndexEntry>> {
         let key = d.key();
-        let _g = self.stripe(&key);
-        let e = IndexEntry { size: d.size, atime: now, verified_boot: self.0.boot, loc: Some(loc) };
+        let e = IndexEntry { size: d.size, atime: now, verified_boot: self.0.boot, loc };
         self.0.absent.insert(&key);
+        let mut old = None;
         match self.0.index.insert(key, e.encode())? {
-            Some(old) => {
-                if let Ok(old) = IndexEntry::decode(&old) {
-                    self.0.lru.remove(lru_key(old.atime, &key))?;
-                    self.add_total(d.size as i64 - old.size as i64);
-                    match old.loc {
-                        Some(l) => self.0.packs.release(l, old.size),
-                        None => {
-                            let _ = std::fs::remove_file(self.path_of(d));
-                        }
+            Some(raw) => {
+                if let Ok(o) = IndexEntry::decode(&raw) {
+                    self.0.lru.remove(lru_key(o.atime, &key))?;
+                    self.add_total(d.size as i64 - o.size as i64);
+                    if let Some(l) = o.loc {
+                        self.0.packs.release(l, o.size);
                     }
+                    old = Some(o);
                 }
             }
             None => self.add_total(d.size as i64),
         }
         self.0.lru.insert(lru_key(now, &key), &[])?;
         self.0.presence.lock().put(key, (d.size, now));
-        Ok(())
+        Ok(old)
     }
 
     /// Stores an in-memory blob whose size and hash the caller has just checked: appended to a
@@ -797,22 +808,7 @@ impl BlobStore {
             if let Some(tmp) = tmp {
                 std::fs::rename(tmp, &path).map_err(|e| KilnError::io(format!("renaming blob {d} into place"), e))?;
             }
-            let e = IndexEntry { size: d.size, atime: now, verified_boot: self.0.boot, loc: None };
-            self.0.absent.insert(&key);
-            match self.0.index.insert(key, e.encode())? {
-                Some(old) => {
-                    if let Ok(old) = IndexEntry::decode(&old) {
-                        self.0.lru.remove(lru_key(old.atime, &key))?;
-                        self.add_total(d.size as i64 - old.size as i64);
-                        if let Some(l) = old.loc {
-                            self.0.packs.release(l, old.size);
-                        }
-                    }
-                }
-                None => self.add_total(d.size as i64),
-            }
-            self.0.lru.insert(lru_key(now, &key), &[])?;
-            self.0.presence.lock().put(key, (d.size, now));
+            self.index_new(d, None, now)?;
         }
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         match self.0.fsync {
