@@ -455,7 +455,8 @@ impl Storage {
                 Err(e) => Err(tonic::Status::unavailable(e.to_string())),
             };
             match got {
-                Ok(blobs) => idx.into_iter().zip(blobs.into_iter().map(Some).chain(std::iter::repeat(None))).collect::<Vec<_>>(),
+                // A short answer leaves the rest to the per-blob path.
+                Ok(blobs) => idx.into_iter().zip(blobs).collect::<Vec<_>>(),
                 Err(e) => {
                     tracing::debug!(node = o.id, error = %e, "batched blob read failed; reading one by one");
                     Vec::new()
@@ -466,7 +467,8 @@ impl Storage {
             .await
             .into_iter()
             .flatten()
-            .filter_map(|(i, b)| b.filter(|b| b.found).map(|b| (i, ds[i], b.data)))
+            .filter(|(_, b)| b.found)
+            .map(|(i, b)| (i, ds[i], b.data))
             .collect();
         // Checked (off the async threads): a peer's bytes are served only if they hash to the digest.
         let checked = blocking(move || Ok(got.into_iter().filter(|(_, d, data)| crate::cas::check_content(d, data).is_ok()).collect::<Vec<_>>())).await;

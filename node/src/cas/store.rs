@@ -325,14 +325,9 @@ impl BlobStore {
         match std::fs::metadata(&path) {
             Ok(md) if md.len() == d.size => {
                 let _g = self.stripe(&key);
-                let e = IndexEntry { size: d.size, atime: now_ms(), verified_boot: 0, loc: None };
-                let raw: sled::IVec = e.encode().into();
-                self.0.absent.insert(&key);
-                if self.0.index.compare_and_swap(key, None as Option<&[u8]>, Some(raw.clone()))?.is_ok() {
-                    self.0.lru.insert(lru_key(e.atime, &key), &[])?;
-                    self.add_total(d.size as i64);
+                if let Some(found) = self.index_unverified(&key, d.size, None)? {
                     tracing::info!(digest = %d, "re-indexed a blob found on disk");
-                    Ok(Some((e, raw)))
+                    Ok(Some(found))
                 } else {
                     drop(_g);
                     match self.0.index.get(key)? {
@@ -345,6 +340,45 @@ impl BlobStore {
                 }
             }
             _ => Ok(None),
+        }
+    }
+
+    /// Indexes a blob found on disk (a file, or a pack record at `loc`) as not yet verified,
+    /// unless the index has it already. Returns the new entry if it was added. The caller
+    /// holds the blob's stripe.
+    fn index_unverified(&self, key: &Key, size: u64, loc: Option<Loc>) -> Result<Option<(IndexEntry, sled::IVec)>> {
+        let e = IndexEntry { size, atime: now_ms(), verified_boot: 0, loc };
+        let raw: sled::IVec = e.encode().into();
+        self.0.absent.insert(key);
+        if self.0.index.compare_and_swap(key, None as Option<&[u8]>, Some(raw.clone()))?.is_err() {
+            return Ok(None);
+        }
+        self.0.lru.insert(lru_key(e.atime, key), &[])?;
+        if let Some(loc) = loc {
+            self.0.packs.count_live(loc, size);
+        }
+        self.add_total(size as i64);
+        Ok(Some((e, raw)))
+    }
+
+    /// Frees the bytes of a blob whose index entry was just removed: its pack record, or its file.
+    fn free(&self, d: &BlobDigest, e: &IndexEntry) {
+        match e.loc {
+            Some(loc) => self.0.packs.release(loc, e.size),
+            None => {
+                let _ = std::fs::remove_file(self.path_of(d));
+            }
+        }
+    }
+
+    /// Hands a written file to the group-commit thread (the `batch` policy); syncs it in place
+    /// when the queue is full, i.e. the disk is behind, rather than queue without bound.
+    fn queue_sync(&self, file: Arc<File>, dir: PathBuf) {
+        if let Some(tx) = &self.0.syncer {
+            if let Err(std::sync::mpsc::TrySendError::Full(job)) = tx.try_send(SyncJob { file, dir }) {
+                let _ = job.file.sync_data();
+                let _ = sync_dir(&job.dir);
+            }
         }
     }
 
@@ -577,18 +611,17 @@ impl BlobStore {
         let _g = self.stripe(&key);
         self.0.memory.lock().remove(&key);
         self.0.presence.lock().pop(&key);
-        if let Some(raw) = self.0.index.remove(key)? {
-            if let Ok(e) = IndexEntry::decode(&raw) {
+        match self.0.index.remove(key)?.map(|raw| IndexEntry::decode(&raw)) {
+            Some(Ok(e)) => {
                 self.0.lru.remove(lru_key(e.atime, &key))?;
                 self.add_total(-(e.size as i64));
-                if let Some(loc) = e.loc {
-                    // A packed blob has no file of its own: no unlink to try.
-                    self.0.packs.release(loc, e.size);
-                    return Ok(());
-                }
+                self.free(d, &e);
+            }
+            // No (readable) entry: a file may still be there.
+            _ => {
+                let _ = std::fs::remove_file(self.path_of(d));
             }
         }
-        let _ = std::fs::remove_file(self.path_of(d));
         Ok(())
     }
 
@@ -687,15 +720,7 @@ impl BlobStore {
                     fail_all(&mut out, &todo, e);
                 }
             }
-            FsyncPolicy::Batch => {
-                if let Some(tx) = &self.0.syncer {
-                    let job = SyncJob { file: app.file, dir: self.0.packs.dir().to_path_buf() };
-                    if let Err(std::sync::mpsc::TrySendError::Full(job)) = tx.try_send(job) {
-                        let _ = job.file.sync_data();
-                        let _ = sync_dir(&job.dir);
-                    }
-                }
-            }
+            FsyncPolicy::Batch => self.queue_sync(app.file, self.0.packs.dir().to_path_buf()),
             FsyncPolicy::Never => {}
         }
         metrics::counter!(m::CAS_BLOBS_WRITTEN).increment(todo.len() as u64);
@@ -816,16 +841,7 @@ impl BlobStore {
                 sync_dir(&dir).map_err(|e| KilnError::io(format!("fsync of {}", dir.display()), e))?;
                 self.0.flush.flush()?;
             }
-            FsyncPolicy::Batch => {
-                if let Some(tx) = &self.0.syncer {
-                    // A full queue means the disk is behind: sync inline rather than queue
-                    // without bound.
-                    if let Err(std::sync::mpsc::TrySendError::Full(job)) = tx.try_send(SyncJob { file: Arc::new(file), dir }) {
-                        let _ = job.file.sync_data();
-                        let _ = sync_dir(&job.dir);
-                    }
-                }
-            }
+            FsyncPolicy::Batch => self.queue_sync(Arc::new(file), dir),
             FsyncPolicy::Never => {}
         }
         metrics::counter!(m::CAS_BLOBS_WRITTEN).increment(1);
@@ -895,13 +911,7 @@ impl BlobStore {
             let Some(function) = DigestFunction::from_key_byte(key[0]) else { continue };
             let mut hash = [0u8; HASH_LEN];
             hash.copy_from_slice(&key[1..]);
-            let d = BlobDigest { function, hash, size: e.size };
-            match e.loc {
-                Some(loc) => self.0.packs.release(loc, e.size),
-                None => {
-                    let _ = std::fs::remove_file(self.path_of(&d));
-                }
-            }
+            self.free(&BlobDigest { function, hash, size: e.size }, &e);
             self.add_total(-(e.size as i64));
             evicted += 1;
         }
@@ -1017,15 +1027,7 @@ impl BlobStore {
         for id in self.0.packs.ids_before_open() {
             for (key, size, loc) in self.0.packs.records(id)? {
                 let _g = self.stripe(&key);
-                if self.0.index.get(key)?.is_some() {
-                    continue;
-                }
-                let e = IndexEntry { size, atime: now_ms(), verified_boot: 0, loc: Some(loc) };
-                self.0.absent.insert(&key);
-                if self.0.index.compare_and_swap(key, None as Option<&[u8]>, Some(e.encode()))?.is_ok() {
-                    self.0.lru.insert(lru_key(e.atime, &key), &[])?;
-                    self.0.packs.count_live(loc, size);
-                    self.add_total(size as i64);
+                if self.0.index.get(key)?.is_none() && self.index_unverified(&key, size, Some(loc))?.is_some() {
                     n += 1;
                 }
             }
@@ -1065,25 +1067,31 @@ impl BlobStore {
             let mut files: Vec<Arc<File>> = Vec::new();
             for (key, size, loc) in self.0.packs.records(id)? {
                 let _g = self.stripe(&key);
+                let still_here = |raw: &sled::IVec| IndexEntry::decode(raw).ok().filter(|e| e.loc == Some(loc));
+                if self.0.index.get(key)?.as_ref().and_then(still_here).is_none() {
+                    continue;
+                }
+                let Some(bytes) = self.0.packs.read(loc, &key, size)? else { continue };
+                let app = self.0.packs.append(&[(key, &bytes)])?;
                 // Touches rewrite entries without the stripe lock (compare-and-swap): retry a few.
+                let mut swapped = false;
                 for _ in 0..4 {
                     let Some(raw) = self.0.index.get(key)? else { break };
-                    let Ok(e) = IndexEntry::decode(&raw) else { break };
-                    if e.loc != Some(loc) {
-                        break;
-                    }
-                    let Some(bytes) = self.0.packs.read(loc, &key, size)? else { break };
-                    let app = self.0.packs.append(&[(key, &bytes)])?;
+                    let Some(e) = still_here(&raw) else { break };
                     let new = IndexEntry { loc: Some(app.locs[0]), ..e };
                     if self.0.index.compare_and_swap(key, Some(&raw), Some(new.encode()))?.is_ok() {
-                        if !files.iter().any(|f| Arc::ptr_eq(f, &app.file)) {
-                            files.push(app.file);
-                        }
-                        moved.push((loc, size));
+                        swapped = true;
                         break;
                     }
-                    self.0.packs.release(app.locs[0], size);
                 }
+                if !swapped {
+                    self.0.packs.release(app.locs[0], size);
+                    continue;
+                }
+                if !files.iter().any(|f| Arc::ptr_eq(f, &app.file)) {
+                    files.push(app.file);
+                }
+                moved.push((loc, size));
             }
             // The new copies and their entries are durable before the old records can go.
             for f in &files {

@@ -413,13 +413,7 @@ impl Executor {
         let cache = self.inner.cache.clone();
         let (dir, r, w, outs) = (action_dir.to_path_buf(), root.clone(), workdir.clone(), outputs.clone());
         blocking(move || {
-            // A reused directory is there already, with its `root` emptied.
-            match std::fs::create_dir(&dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-                    return Err(KilnError::io(format!("create {}", dir.display()), e));
-                }
-                _ => {}
-            }
+            materialize::reuse_or_create_dir(&dir)?;
             materialize::materialize(&r, &plan, &cache)?;
             std::fs::create_dir_all(&w)
                 .map_err(|e| KilnError::invalid(format!("cannot create the working directory {}: {e}", w.display())))?;

@@ -408,14 +408,17 @@ fn insert_all(cache: &ContentCache, keys: &[CacheKey], tmp: &Path) -> Result<Vec
 
 /// Builds the action directory `root` (which must not exist) from the plan, hardlinking files
 /// out of the cache, where every key with content is pinned. Blocking.
+/// Creates directory `p` unless it is there already (a reused action directory, emptied).
+pub(crate) fn reuse_or_create_dir(p: &Path) -> Result<()> {
+    match std::fs::create_dir(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(KilnError::io(format!("create {}", p.display()), e)),
+        _ => Ok(()),
+    }
+}
+
 /// `root` is created, or is there already and empty (a reused action directory).
 pub fn materialize(root: &Path, plan: &Plan, cache: &ContentCache) -> Result<()> {
-    match std::fs::create_dir(root) {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-            return Err(KilnError::io(format!("create {}", root.display()), e));
-        }
-        _ => {}
-    }
+    reuse_or_create_dir(root)?;
     for d in &plan.dirs {
         let p = root.join(d);
         std::fs::create_dir(&p).map_err(|e| KilnError::io(format!("create input directory {}", p.display()), e))?;
