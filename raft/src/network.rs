@@ -44,6 +44,9 @@ impl PeerChannels {
             .connect_timeout(Duration::from_secs(2))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(8 << 20)
+            .max_frame_size(1 << 20)
             .connect_lazy();
         m.insert(addr.to_string(), c.clone());
         Ok(c)

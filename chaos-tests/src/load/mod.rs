@@ -4,7 +4,7 @@
 //! next to what the machine itself can do (see [`limits`]): a ratio travels between machines,
 //! an absolute MB/s does not.
 //!
-//! - [`client`]: connections (TCP_NODELAY, HTTP/2 windows, 16 MiB messages) and REAPI clients;
+//! - [`client`]: connections (TCP_NODELAY, HTTP/2 windows and frames, 16 MiB messages) and REAPI clients;
 //! - [`blobs`]: unique blob contents, digests, resource names;
 //! - [`runner`]: prepare-untimed / execute-timed rounds at a fixed concurrency;
 //! - [`workloads`]: the suite — ByteStream, batches, FindMissingBlobs, Action Cache, and

@@ -478,11 +478,9 @@ impl Suite {
                     read_limit: 0,
                 };
                 let mut s = clients
-                    .bytestream()
-                    .read(req)
+                    .read_chunks(req)
                     .await
-                    .with_context(|| format!("Read of {}", d.hash))?
-                    .into_inner();
+                    .with_context(|| format!("Read of {}", d.hash))?;
                 let mut n = 0u64;
                 while let Some(m) = s
                     .message()

@@ -96,16 +96,13 @@ fn pump(
         if want == 0 {
             return Ok(());
         }
-        let mut buf = vec![0u8; want];
-        let mut filled = 0;
-        while filled < want {
-            let n = reader.read(&mut buf[filled..]).map_err(|e| KilnError::io(format!("reading blob {d}"), e))?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        buf.truncate(filled);
+        // Read into spare capacity: a file fills it without the buffer being zeroed first.
+        let mut buf = Vec::with_capacity(want);
+        (&mut reader)
+            .take(want as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| KilnError::io(format!("reading blob {d}"), e))?;
+        let filled = buf.len();
         let mut chunk = Bytes::from(buf);
         if skip > 0 {
             let s = skip.min(chunk.len() as u64) as usize;

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{blocking, observe};
-use crate::cas::{stream_blob, UploadState};
+use crate::cas::{stream_blob, BlobChunks, UploadState};
 use crate::error::{KilnError, Result};
 use crate::metrics as m;
 use crate::logstream;
@@ -56,6 +56,20 @@ enum PipeEnd {
 
 impl ByteStreamService {
     async fn read(&self, req: ReadRequest) -> Result<ReadStream> {
+        let chunks = self.open_read(&req).await?;
+        let s = tokio_stream::wrappers::ReceiverStream::new(chunks).map(|c| match c {
+            Ok(b) => {
+                metrics::counter!(m::CAS_BYTES_READ).increment(b.len() as u64);
+                Ok(ReadResponse { data: b.to_vec() })
+            }
+            Err(e) => Err(Status::from(e)),
+        });
+        Ok(Box::pin(s))
+    }
+
+    /// Checks a blob Read and starts streaming the requested range: the chunks, each sent as
+    /// one ReadResponse.
+    pub(super) async fn open_read(&self, req: &ReadRequest) -> Result<BlobChunks> {
         let res = parse_read(&req.resource_name)?;
         super::check_instance_name(&res.instance_name)?;
         let d = res.digest;
@@ -69,17 +83,9 @@ impl ByteStreamService {
         if !self.state.storage.ensure_local(&d).await? {
             return Err(KilnError::BlobNotFound(d));
         }
-        let chunks = stream_blob(&self.state.cas, d, req.read_offset as u64, req.read_limit as u64, res.compressed)
+        stream_blob(&self.state.cas, d, req.read_offset as u64, req.read_limit as u64, res.compressed)
             .await?
-            .ok_or(KilnError::BlobNotFound(d))?;
-        let s = tokio_stream::wrappers::ReceiverStream::new(chunks).map(|c| match c {
-            Ok(b) => {
-                metrics::counter!(m::CAS_BYTES_READ).increment(b.len() as u64);
-                Ok(ReadResponse { data: b.to_vec() })
-            }
-            Err(e) => Err(Status::from(e)),
-        });
-        Ok(Box::pin(s))
+            .ok_or(KilnError::BlobNotFound(d))
     }
 
     async fn write(&self, mut stream: Streaming<WriteRequest>) -> Result<WriteResponse> {

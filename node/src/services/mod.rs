@@ -8,6 +8,7 @@ pub mod action_cache;
 pub mod build_events;
 pub mod bots;
 pub mod bytestream;
+pub mod bytestream_read;
 pub mod capabilities;
 pub mod cas;
 pub mod execution;

@@ -62,6 +62,9 @@ fn channel_for(endpoint: &str) -> anyhow::Result<Channel> {
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(30))
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20)
+        .max_frame_size(1 << 20)
         .connect_lazy())
 }
 
