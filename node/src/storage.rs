@@ -286,8 +286,8 @@ impl Storage {
                 OpenBlob::File(mut f, _) => {
                     let mut any = false;
                     loop {
-                        let mut buf = vec![0u8; PEER_CHUNK];
-                        let n = match f.read(&mut buf) {
+                        let mut buf = Vec::with_capacity(PEER_CHUNK);
+                        let n = match (&mut f).take(PEER_CHUNK as u64).read_to_end(&mut buf) {
                             Ok(n) => n,
                             Err(_) => return,
                         };
@@ -298,7 +298,6 @@ impl Storage {
                             return;
                         }
                         any = true;
-                        buf.truncate(n);
                         if !send(buf) {
                             return;
                         }

@@ -19,6 +19,8 @@ use super::blocking;
 
 /// Bytes one GetBlobs call may ask for (held in memory on both sides).
 pub const MAX_GET_BLOBS_BYTES: u64 = 16 << 20;
+/// Chunks of a pushed blob in flight between the network and the writing thread.
+const PUSH_PIPE_CHUNKS: usize = 4;
 use crate::cas::{check_content, UploadState};
 use crate::digest::{BlobDigest, DigestFunction};
 use crate::error::{KilnError, Result};
@@ -266,23 +268,33 @@ impl Peer for PeerService {
         if present {
             return Ok(Response::new(WriteBlobResponse { committed_size: d.size as i64 }));
         }
-        let mut up = {
+        let up = {
             let cas = cas.clone();
             blocking(move || UploadState::start(&cas, d, false)).await?
         };
+        // One blocking thread hashes and writes while the next chunks arrive.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(PUSH_PIPE_CHUNKS);
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut up = up;
+            while let Some(chunk) = rx.blocking_recv() {
+                up.write(&chunk)?;
+            }
+            Ok::<_, KilnError>(up)
+        });
         let mut data = first.data;
-        loop {
-            if !data.is_empty() {
-                let chunk = std::mem::take(&mut data);
-                up = tokio::task::spawn_blocking(move || up.write(&chunk).map(|()| up))
-                    .await
-                    .map_err(|e| Status::internal(e.to_string()))??;
+        let received = loop {
+            if !data.is_empty() && tx.send(std::mem::take(&mut data)).await.is_err() {
+                break Ok(()); // the writer failed: its error is reported below
             }
-            match s.message().await? {
-                Some(c) => data = c.data,
-                None => break,
+            match s.message().await {
+                Ok(Some(c)) => data = c.data,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
             }
-        }
+        };
+        drop(tx);
+        let up = writer.await.map_err(|e| Status::internal(format!("blob write task: {e}")))??;
+        received?;
         blocking(move || up.finish(&cas)).await?;
         Ok(Response::new(WriteBlobResponse { committed_size: d.size as i64 }))
     }
