@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Three local Kiln nodes and one worker:
 #   gRPC 127.0.0.1:8981, :8982, :8983 (HTTP 9981-9983), data under ./.kiln-cluster.
+#   The worker is the only one, so it prefetches a lease per slot, as `kiln dev`'s embedded
+#   worker does: a freed slot starts its next action without a round of Raft proposals.
 # Usage: scripts/cluster.sh up|down|status
 #   up      builds (release) unless KILN_BIN is set, starts what is not running, and returns once
 #           a leader is elected and all three nodes serve
@@ -52,7 +54,7 @@ up() {
   done
   if ! running "$ROOT/worker.pid"; then
     nohup "$k" worker --endpoint grpc://127.0.0.1:8981,grpc://127.0.0.1:8982,grpc://127.0.0.1:8983 \
-      --work-dir "$ROOT/worker" --name cluster-worker > "$ROOT/worker.log" 2>&1 &
+      --work-dir "$ROOT/worker" --name cluster-worker --prefetch "$(nproc)" > "$ROOT/worker.log" 2>&1 &
     echo $! > "$ROOT/worker.pid"
   fi
   local deadline=$((SECONDS + 60)) out=""
