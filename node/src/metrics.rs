@@ -22,6 +22,7 @@ pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_histogram!(RPC_DURATION_SECONDS, Unit::Seconds, "gRPC handler latency by method");
     describe_histogram!(SCHEDULER_PROPOSAL_SECONDS, Unit::Seconds, "scheduling commands from proposal to applied, by command");
+    describe_histogram!(kiln_raft::consensus::BATCH_COMMANDS, Unit::Count, "scheduling commands per Raft entry the leader proposed");
     describe_histogram!(AC_RESULT_WRITE_SECONDS, Unit::Seconds, "storing a worker's result in the Action Cache, until durable");
     describe_counter!(RPC_ERRORS, "gRPC calls that ended in an error status, by method and code");
     describe_gauge!(CAS_STORED_BYTES, Unit::Bytes, "bytes of blobs stored on this node");

@@ -765,6 +765,10 @@ async fn a_lease_whose_answer_was_lost_is_handed_out_again() {
     let got = bots.update_bot_session(UpdateBotSessionRequest { name: s.name.clone(), bot_session: Some(s), update_mask: None }).await.unwrap().into_inner();
     assert_eq!(got.leases.len(), 1);
     let lease = got.leases[0].clone();
+    // The lease carries the Action itself, as stored: the bot need not fetch it.
+    let payload = lease.payload.clone().expect("the lease has a payload");
+    assert_eq!(payload.type_url, "type.googleapis.com/build.bazel.remote.execution.v2.Action");
+    assert_eq!(kiln_node::digest::DigestFunction::Sha256.digest_of(&payload.value).to_proto(), d);
     // That answer never reached the bot: it calls again as it was, running nothing.
     let again = bots
         .update_bot_session(UpdateBotSessionRequest { name: idle.name.clone(), bot_session: Some(idle), update_mask: None })

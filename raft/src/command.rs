@@ -7,6 +7,13 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The newest command format this node reads. A node tells its peers in every Raft response;
+/// the leader packs commands into a [`Command::Batch`] only when every member reads version 2,
+/// so a node of the previous release keeps following the log during a rolling upgrade.
+pub const COMMAND_VERSION: u32 = 2;
+/// The command format that added [`Command::Batch`].
+pub const BATCH_COMMAND_VERSION: u32 = 2;
+
 /// A digest as REAPI spells it, plus the function it was computed with.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ActionKey {
@@ -71,6 +78,9 @@ pub enum Command {
     Prune { completed_before_ms: u64 },
     /// A node serving a build-event stream reports its progress (merged monotonically).
     UpdateStream(crate::streams::StreamUpdate),
+    /// Commands proposed together by the leader, applied in order as if they had been
+    /// separate entries. Never nested; read by nodes of [`COMMAND_VERSION`] 2 and later.
+    Batch(Vec<Command>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +91,8 @@ pub enum CommandResult {
     Applied(bool),
     /// Membership changes and blank entries.
     None,
+    /// The results of a [`Command::Batch`], in its order.
+    Batch(Vec<CommandResult>),
 }
 
 impl Command {
@@ -99,6 +111,7 @@ impl Command {
             Command::Delete { .. } => "delete",
             Command::Prune { .. } => "prune",
             Command::UpdateStream(_) => "update_stream",
+            Command::Batch(_) => "batch",
         }
     }
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 
-use crate::command::{Command, CommandResult};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::command::{Command, CommandResult, BATCH_COMMAND_VERSION};
 use crate::log_store::LogStore;
 use crate::network::{PeerChannels, PeerNetwork};
 use kiln_proto::peer::{ProposeRequest, PEER_VERSION};
@@ -35,7 +37,7 @@ impl Default for RaftSettings {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProposeError {
     /// This node is not the leader; the leader, if known, is named.
     #[error("this node is not the Raft leader (leader: {leader:?})")]
@@ -61,7 +63,13 @@ pub struct Consensus {
     pub node_id: NodeId,
     /// Channels to the peers, shared with the Raft network.
     pub channels: PeerChannels,
+    batcher: mpsc::Sender<(Command, Reply)>,
 }
+
+type Reply = oneshot::Sender<Result<(CommandResult, u64), ProposeError>>;
+
+/// Histogram of the commands per proposed entry.
+pub const BATCH_COMMANDS: &str = "kiln_raft_batch_commands";
 
 /// How long a proposal waits for a leader to be elected before giving up with UNAVAILABLE.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
@@ -69,6 +77,14 @@ const LEADER_WAIT: Duration = Duration::from_secs(10);
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Format version of forwarded commands and results.
 const FORWARD_V1: u8 = 1;
+/// Most commands one Raft entry carries.
+const MAX_BATCH: usize = 256;
+/// Entries the batcher has proposed and not yet seen applied. openraft writes and flushes each
+/// entry on its own, one after the other; commands arriving while these are in flight wait and
+/// then share the next entry, and its flush.
+const MAX_IN_FLIGHT: usize = 1;
+/// Commands waiting for an entry at most; proposers beyond wait for room.
+const MAX_WAITING: usize = 4096;
 
 impl Consensus {
     /// Opens the log and state machine in `db` and starts Raft. `initial_members` forms the
@@ -96,6 +112,8 @@ impl Consensus {
         let channels = PeerChannels::default();
         let network = PeerNetwork { channels: channels.clone() };
         let raft = Raft::new(node_id, config, network, log, sm).await.map_err(|e| OpenError::Raft(e.to_string()))?;
+        let (batcher, waiting) = mpsc::channel(MAX_WAITING);
+        tokio::spawn(run_batcher(raft.clone(), waiting));
         // A node joining an existing cluster has no members to form a cluster with: the
         // leader adds it.
         if !initial_members.is_empty() && !raft.is_initialized().await.map_err(|e| OpenError::Raft(e.to_string()))? {
@@ -105,7 +123,7 @@ impl Consensus {
                 Err(e) => return Err(OpenError::Raft(e.to_string())),
             }
         }
-        Ok(Self { raft, shared, node_id, channels })
+        Ok(Self { raft, shared, node_id, channels, batcher })
     }
 
     /// Waits until some node is leader (or the timeout passes).
@@ -188,36 +206,91 @@ impl Consensus {
     }
 
     /// Proposes locally and returns the result with its log index (for forwarded proposals).
+    /// While every member reads batches, concurrent proposals share entries: see [`run_batcher`].
     pub async fn propose_indexed(&self, cmd: Command) -> Result<(CommandResult, u64), ProposeError> {
-        let Ok(written) = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd)).await else {
-            return Err(ProposeError::Unavailable(format!("no quorum within {} s", COMMIT_TIMEOUT.as_secs())));
-        };
-        match written {
-            Ok(r) => Ok((r.data, r.log_id.index)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::NotLeader {
-                leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
-            }),
-            Err(e) => Err(ProposeError::Unavailable(e.to_string())),
+        // A follower's proposal is refused at once with the leader's name: no batching.
+        if !self.is_leader() || !self.members_read_batches() {
+            return write(&self.raft, cmd).await;
         }
+        let (reply, answer) = oneshot::channel();
+        self.batcher.send((cmd, reply)).await.map_err(|_| ProposeError::Unavailable("the proposal batcher stopped".into()))?;
+        answer.await.map_err(|_| ProposeError::Unavailable("the proposal batcher dropped a command".into()))?
     }
 
     /// Proposes `cmd` to this node's Raft and waits until it is applied here.
     pub async fn propose(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
-        let kind = cmd.kind();
-        // A leader cut off from its quorum would wait forever: answer UNAVAILABLE instead.
-        let Ok(written) = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd)).await else {
-            return Err(ProposeError::Unavailable(format!("no quorum committed the {kind} command within {} s", COMMIT_TIMEOUT.as_secs())));
-        };
-        match written {
-            Ok(r) => Ok(r.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::NotLeader {
-                leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
-            }),
-            Err(e) => {
-                tracing::warn!(command = kind, error = %e, "proposal failed");
-                Err(ProposeError::Unavailable(e.to_string()))
-            }
+        self.propose_indexed(cmd).await.map(|(r, _)| r)
+    }
+
+    /// Whether every other member said it reads [`Command::Batch`] entries.
+    fn members_read_batches(&self) -> bool {
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let all = membership
+            .membership()
+            .nodes()
+            .all(|(id, n)| *id == self.node_id || self.channels.command_version(&n.addr) >= BATCH_COMMAND_VERSION);
+        all
+    }
+}
+
+/// Writes one entry to this node's Raft and waits until it is applied here.
+async fn write(raft: &Raft, cmd: Command) -> Result<(CommandResult, u64), ProposeError> {
+    let kind = cmd.kind();
+    // A leader cut off from its quorum would wait forever: answer UNAVAILABLE instead.
+    let Ok(written) = tokio::time::timeout(COMMIT_TIMEOUT, raft.client_write(cmd)).await else {
+        return Err(ProposeError::Unavailable(format!("no quorum committed the {kind} command within {} s", COMMIT_TIMEOUT.as_secs())));
+    };
+    match written {
+        Ok(r) => Ok((r.data, r.log_id.index)),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(ProposeError::NotLeader { leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)) })
         }
+        Err(e) => {
+            tracing::warn!(command = kind, error = %e, "proposal failed");
+            Err(ProposeError::Unavailable(e.to_string()))
+        }
+    }
+}
+
+/// Group commit of proposals. openraft 0.9 appends and flushes each client write on its own,
+/// in its core task, one after the other: under load that serial flush, not the CPU or the
+/// network, bounded how many commands a second the cluster took. The batcher keeps at most
+/// [`MAX_IN_FLIGHT`] entries proposed; whatever arrives meanwhile goes into one
+/// [`Command::Batch`] entry. A lone command is proposed as itself, so an idle node adds no
+/// latency and writes the format older nodes read.
+async fn run_batcher(raft: Raft, mut waiting: mpsc::Receiver<(Command, Reply)>) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let Ok(slot) = in_flight.clone().acquire_owned().await else { return };
+        let mut batch = Vec::new();
+        if waiting.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            metrics::histogram!(BATCH_COMMANDS).record(batch.len() as f64);
+            if batch.len() == 1 {
+                let (cmd, reply) = batch.pop().expect("one command");
+                let _ = reply.send(write(&raft, cmd).await);
+                return;
+            }
+            let n = batch.len();
+            let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
+            let answers: Vec<Result<(CommandResult, u64), ProposeError>> = match write(&raft, Command::Batch(cmds)).await {
+                Ok((CommandResult::Batch(results), index)) if results.len() == n => {
+                    results.into_iter().map(|r| Ok((r, index))).collect()
+                }
+                Ok((other, _)) => {
+                    let e = ProposeError::Unavailable(format!("a batch of {n} commands was answered with {other:?}"));
+                    vec![Err(e); n]
+                }
+                Err(e) => vec![Err(e); n],
+            };
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(answer);
+            }
+        });
     }
 }
 

@@ -123,8 +123,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&e.get_log_id().index.to_be_bytes(), codec::encode(LOG_RECORD_V1, &e));
         }
         self.log.apply_batch(batch).map_err(write_err)?;
-        // Durability before acknowledgement: one flush covers every entry of this append,
-        // which is how concurrent proposals share an fsync.
+        // Durability before acknowledgement: one flush covers every entry of this append.
+        // openraft 0.9 waits for it before taking the next client write, so concurrent
+        // proposals share a flush by sharing an entry (`Consensus`'s batcher).
         let r = self.db.flush_async().await.map(|_| ()).map_err(std::io::Error::other);
         callback.log_io_completed(r);
         Ok(())

@@ -26,13 +26,28 @@ pub const RAFT_PAYLOAD_V1: u8 = 1;
 /// Largest peer message (snapshots are sent whole).
 pub const MAX_PEER_MESSAGE: usize = 256 << 20;
 
-/// One lazily connected channel per peer address, shared by all users of the network.
+/// One lazily connected channel per peer address, shared by all users of the network, and
+/// the command format each peer last said it reads.
 #[derive(Clone, Default)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    command_versions: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl PeerChannels {
+    /// The command format the peer at `addr` reads, as of its last Raft response (0 before one).
+    pub fn command_version(&self, addr: &str) -> u32 {
+        self.command_versions.lock().unwrap_or_else(|p| p.into_inner()).get(addr).copied().unwrap_or(0)
+    }
+
+    fn note_command_version(&self, addr: &str, version: u32) {
+        let mut m = self.command_versions.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(addr) != Some(&version) {
+            tracing::info!(peer = addr, command_version = version, "peer command format");
+            m.insert(addr.to_string(), version);
+        }
+    }
+
     /// A channel to `addr` (`host:port`), created on first use.
     pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         let mut m = self.channels.lock().unwrap_or_else(|p| p.into_inner());
@@ -123,6 +138,7 @@ impl PeerClient {
             }
             Err(s) => return Err(RPCError::Network(NetworkError::new(&WireError(s.to_string())))),
         };
+        self.channels.note_command_version(&self.node.addr, resp.command_version);
         if !resp.error.is_empty() {
             let e: E = decode(&resp.error).map_err(|e| RPCError::Network(NetworkError::new(&WireError(e))))?;
             return Err(RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)));

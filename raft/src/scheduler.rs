@@ -213,7 +213,9 @@ impl SchedulerState {
                 (CommandResult::Applied(!gone.is_empty()), gone)
             }
             // Not scheduling state: applied by the state machine to its stream index.
-            Command::UpdateStream(_) => (CommandResult::None, vec![]),
+            // Both are applied by the state machine, which owns the stream index and unpacks
+            // batches.
+            Command::UpdateStream(_) | Command::Batch(_) => (CommandResult::None, vec![]),
         }
     }
 

@@ -181,6 +181,29 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     }
 }
 
+/// Applies one command (each command of a batch in order); notes the operations it changed and
+/// whether it may have made work for the actors.
+fn apply_command(s: &mut SmData, cmd: &Command, changed: &mut Vec<String>, work: &mut bool) -> CommandResult {
+    *work |= matches!(
+        cmd,
+        Command::Enqueue(_)
+            | Command::Requeue { .. }
+            | Command::BotGone { .. }
+            | Command::CreateBotSession { .. }
+            | Command::Complete { .. }
+            | Command::Cancel { .. }
+    );
+    match cmd {
+        Command::UpdateStream(u) => CommandResult::Applied(s.streams.apply(u)),
+        Command::Batch(cmds) => CommandResult::Batch(cmds.iter().map(|c| apply_command(s, c, changed, work)).collect()),
+        _ => {
+            let (r, ch) = s.sched.apply(cmd);
+            changed.extend(ch);
+            r
+        }
+    }
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
@@ -203,24 +226,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 s.last_applied = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => results.push(CommandResult::None),
-                    EntryPayload::Normal(cmd) => {
-                        work |= matches!(
-                            cmd,
-                            Command::Enqueue(_)
-                                | Command::Requeue { .. }
-                                | Command::BotGone { .. }
-                                | Command::CreateBotSession { .. }
-                                | Command::Complete { .. }
-                                | Command::Cancel { .. }
-                        );
-                        if let Command::UpdateStream(u) = &cmd {
-                            results.push(CommandResult::Applied(s.streams.apply(u)));
-                            continue;
-                        }
-                        let (r, ch) = s.sched.apply(&cmd);
-                        names.extend(ch);
-                        results.push(r);
-                    }
+                    EntryPayload::Normal(cmd) => results.push(apply_command(&mut s, &cmd, &mut names, &mut work)),
                     EntryPayload::Membership(m) => {
                         s.membership = StoredMembership::new(Some(entry.log_id), m);
                         results.push(CommandResult::None);

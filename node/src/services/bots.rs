@@ -29,6 +29,9 @@ use crate::scheduler::{timestamp, ACTION_RESULT_TYPE, EXECUTE_RESPONSE};
 use crate::server::NodeState;
 
 const DIGEST_TYPE: &str = "build.bazel.remote.execution.v2.Digest";
+const ACTION_TYPE: &str = "build.bazel.remote.execution.v2.Action";
+/// Largest Action sent as a lease's payload; a larger one goes by digest.
+const MAX_INLINE_ACTION: i64 = 64 << 10;
 /// Longest a bot with no work waits in one UpdateBotSession.
 const MAX_LONG_POLL: Duration = Duration::from_secs(20);
 /// Time kept in hand before the client's deadline, to answer before it expires.
@@ -64,14 +67,24 @@ fn held_by(o: &Operation, session: &str) -> bool {
     o.stage == Stage::Executing && o.bot_session.as_deref() == Some(session)
 }
 
-/// The lease that hands `o` to a bot: its Action digest as the payload.
-fn pending_lease(o: &Operation) -> Lease {
-    let digest = kiln_proto::reapi::Digest { hash: o.action.hash.clone(), size_bytes: o.action.size };
-    Lease {
-        id: o.lease_id(),
-        payload: Some(kiln_proto::convert::any_to_prost(kiln_proto::pack_any(DIGEST_TYPE, &digest))),
-        state: LeaseState::Pending as i32,
-        ..Default::default()
+/// The lease that hands `o` to a bot, with `payload` as the payload.
+fn lease_of(o: &Operation, payload: kiln_proto::protobuf::Any) -> Lease {
+    Lease { id: o.lease_id(), payload: Some(kiln_proto::convert::any_to_prost(payload)), state: LeaseState::Pending as i32, ..Default::default() }
+}
+
+/// The Action digest as a lease payload.
+fn digest_payload(o: &Operation) -> kiln_proto::protobuf::Any {
+    kiln_proto::pack_any(DIGEST_TYPE, &kiln_proto::reapi::Digest { hash: o.action.hash.clone(), size_bytes: o.action.size })
+}
+
+/// Reorders the candidates of the node at `index` among `members` nodes: the first
+/// `same_priority` (the oldest operations of the first priority) are rotated so that each node's
+/// bots start at a different place and bots on different nodes claim different work instead of
+/// racing for the first one (a lost race is a whole Raft round for nothing).
+fn spread(candidates: &mut [String], same_priority: usize, index: usize, members: usize) {
+    let n = same_priority.min(candidates.len());
+    if n > 1 && members > 1 {
+        candidates[..n].rotate_left(n * index.min(members - 1) / members);
     }
 }
 
@@ -267,7 +280,7 @@ impl BotsService {
             });
             if let Some(o) = held {
                 tracing::warn!(operation = %o.name, session = %name, "the bot does not run the lease it holds: handing it out again");
-                keep.push(pending_lease(&o));
+                keep.push(self.pending_lease(&o).await);
             }
         }
         // Long-poll only a bot with nothing to hear back: a lease being cancelled must reach it
@@ -283,6 +296,37 @@ impl BotsService {
         Ok(s)
     }
 
+    /// The lease that hands `o` to a bot. Its payload is the Action itself, as stored, when this
+    /// node can read it (the Remote Workers convention BuildGrid and its bots follow): the bot
+    /// starts on the Command and the input tree without first asking for the Action. Otherwise
+    /// it is the Action's digest, which Kiln's worker fetches.
+    async fn pending_lease(&self, o: &Operation) -> Lease {
+        let stored = match DigestFunction::from_request(o.action.digest_function) {
+            // Kiln's worker hashes with SHA-256 only; it names an Action sent as bytes by their hash.
+            Ok(DigestFunction::Sha256) if o.action.size <= MAX_INLINE_ACTION => {
+                let d = kiln_proto::reapi::Digest { hash: o.action.hash.clone(), size_bytes: o.action.size };
+                match BlobDigest::from_proto_opt(DigestFunction::Sha256, Some(&d)) {
+                    Ok(d) => self.state.storage.read_small(&d).await.ok().flatten(),
+                    Err(_) => None,
+                }
+            }
+            _ => None,
+        };
+        let payload = match stored {
+            Some(bytes) => kiln_proto::protobuf::Any { type_url: kiln_proto::type_url(ACTION_TYPE), value: bytes.to_vec() },
+            None => digest_payload(o),
+        };
+        lease_of(o, payload)
+    }
+
+    /// This node's position among the members (by id) and their number.
+    fn member_position(&self) -> (usize, usize) {
+        let c = &self.state.scheduler.consensus;
+        let membership = c.raft.metrics().borrow().membership_config.clone();
+        let ids: Vec<u64> = membership.membership().nodes().map(|(id, _)| *id).collect();
+        (ids.iter().position(|id| *id == c.node_id).unwrap_or(0), ids.len())
+    }
+
     /// Long-polls for an operation this bot can run and claims it.
     async fn wait_for_work(&self, session: &str, platform: &[(String, String)], budget: Duration) -> Result<Option<Lease>> {
         let sched = &self.state.scheduler;
@@ -291,9 +335,25 @@ impl BotsService {
             let notified = sched.shared.work_available.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let candidates: Vec<String> = sched.shared.read(|st| {
-                st.sched.queued().filter(|o| kiln_raft::scheduler::platform_matches(&o.platform, platform)).take(16).map(|o| o.name.clone()).collect()
+            let (mut candidates, same_priority) = sched.shared.read(|st| {
+                let mut head = None;
+                let mut same = 0;
+                let names: Vec<String> = st
+                    .sched
+                    .queued()
+                    .filter(|o| kiln_raft::scheduler::platform_matches(&o.platform, platform))
+                    .take(16)
+                    .inspect(|o| {
+                        if *head.get_or_insert(o.priority) == o.priority {
+                            same += 1;
+                        }
+                    })
+                    .map(|o| o.name.clone())
+                    .collect();
+                (names, same)
             });
+            let (index, members) = self.member_position();
+            spread(&mut candidates, same_priority, index, members);
             let mut left_to_others = false;
             let mut tried = 0;
             for op in candidates {
@@ -313,7 +373,7 @@ impl BotsService {
                 if won {
                     let o = sched.shared.operation(&op).ok_or_else(|| KilnError::Internal("assigned operation vanished".into()))?;
                     tracing::info!(operation = %op, session, "lease handed out");
-                    return Ok(Some(pending_lease(&o)));
+                    return Ok(Some(self.pending_lease(&o).await));
                 }
             }
             let wake = if left_to_others { deadline.min(tokio::time::Instant::now() + CLAIM_RECHECK) } else { deadline };
@@ -356,6 +416,27 @@ impl Bots for BotsService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_start_at_different_operations_of_the_first_priority_only() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let all = names(&["a", "b", "c", "d", "e", "f", "low"]);
+        let firsts: Vec<String> = (0..3)
+            .map(|i| {
+                let mut c = all.clone();
+                spread(&mut c, 6, i, 3);
+                assert_eq!(c[6], "low", "a lower priority stays behind");
+                c[0].clone()
+            })
+            .collect();
+        assert_eq!(firsts, names(&["a", "c", "e"]));
+        let mut c = all.clone();
+        spread(&mut c, 6, 0, 1);
+        assert_eq!(c, all, "a lone node keeps the queue order");
+        let mut one = names(&["a"]);
+        spread(&mut one, 1, 2, 3);
+        assert_eq!(one, names(&["a"]));
+    }
 
     #[test]
     fn grpc_timeouts_parse() {

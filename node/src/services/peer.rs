@@ -50,8 +50,8 @@ pub fn from_peer_digest(d: Option<&kiln_proto::peer::BlobDigest>) -> Result<Blob
 
 fn raft_response<T: serde::Serialize, E: serde::Serialize>(r: std::result::Result<T, E>) -> RaftResponse {
     match r {
-        Ok(v) => RaftResponse { payload: encode(&v), error: vec![] },
-        Err(e) => RaftResponse { payload: vec![], error: encode(&e) },
+        Ok(v) => RaftResponse { payload: encode(&v), error: vec![], command_version: kiln_raft::command::COMMAND_VERSION },
+        Err(e) => RaftResponse { payload: vec![], error: encode(&e), command_version: kiln_raft::command::COMMAND_VERSION },
     }
 }
 
@@ -157,6 +157,9 @@ impl Peer for PeerService {
         let req = request.into_inner();
         check_version(req.version)?;
         let cmd = kiln_raft::consensus::decode_forwarded_command(&req.command).map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
+        if matches!(cmd, kiln_raft::command::Command::Batch(_)) {
+            return Err(Status::invalid_argument("command: a batch is formed by the leader, not forwarded to it"));
+        }
         // One hop only: the leader proposes locally; a node that lost leadership meanwhile
         // says so and the origin retries.
         let (r, log_index) = self.state.scheduler.consensus.propose_indexed(cmd).await.map_err(|e| Status::unavailable(e.to_string()))?;
