@@ -123,9 +123,16 @@ pub struct ClusterConfig {
     /// forms a cluster of its own. Default false.
     #[serde(default)]
     pub join: bool,
-    /// Seconds between repair passes (re-replication, hinted handoff, rebalancing). Default 30.
+    /// Seconds between repair ticks. A tick runs a full pass over this node's blobs
+    /// (re-replication, hinted handoff, rebalancing) when one is due: after a start, a ring
+    /// change, a replica that could not be pushed or a pass that could not confirm every
+    /// replica. Default 30.
     #[serde(default = "default_repair_interval_secs")]
     pub repair_interval_secs: u64,
+    /// Seconds after which a full pass runs although nothing asked for one, to find replicas
+    /// lost without any node seeing a failure (an owner's disk replaced). Default 600.
+    #[serde(default = "default_repair_full_interval_secs")]
+    pub repair_full_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -139,12 +146,22 @@ pub struct PeerConfig {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        Self { replication_factor: default_replication_factor(), peers: vec![], join: false, repair_interval_secs: default_repair_interval_secs() }
+        Self {
+            replication_factor: default_replication_factor(),
+            peers: vec![],
+            join: false,
+            repair_interval_secs: default_repair_interval_secs(),
+            repair_full_interval_secs: default_repair_full_interval_secs(),
+        }
     }
 }
 
 fn default_repair_interval_secs() -> u64 {
     30
+}
+
+fn default_repair_full_interval_secs() -> u64 {
+    600
 }
 
 fn default_replication_factor() -> usize {

@@ -4,6 +4,8 @@ pub const RPC_DURATION_SECONDS: &str = "kiln_rpc_duration_seconds";
 pub const RPC_ERRORS: &str = "kiln_rpc_errors_total";
 pub const CAS_STORED_BYTES: &str = "kiln_cas_stored_bytes";
 pub const CAS_BLOBS_WRITTEN: &str = "kiln_cas_blobs_written_total";
+pub const REPAIR_PASSES: &str = "kiln_repair_passes_total";
+pub const REPAIR_SCANNED: &str = "kiln_repair_scanned_blobs_total";
 pub const CAS_BYTES_WRITTEN: &str = "kiln_cas_bytes_written_total";
 pub const CAS_BYTES_READ: &str = "kiln_cas_bytes_read_total";
 pub const CAS_MEMORY_HITS: &str = "kiln_cas_memory_tier_hits_total";
@@ -27,6 +29,8 @@ pub fn describe() {
     describe_counter!(RPC_ERRORS, "gRPC calls that ended in an error status, by method and code");
     describe_gauge!(CAS_STORED_BYTES, Unit::Bytes, "bytes of blobs stored on this node");
     describe_counter!(CAS_BLOBS_WRITTEN, "blobs committed to disk");
+    describe_counter!(REPAIR_PASSES, "full repair passes (each reads every blob of the node and asks its owners)");
+    describe_counter!(REPAIR_SCANNED, "blobs read by repair passes");
     describe_counter!(CAS_BYTES_WRITTEN, Unit::Bytes, "blob bytes committed to disk");
     describe_counter!(CAS_BYTES_READ, Unit::Bytes, "blob bytes served");
     describe_counter!(CAS_MEMORY_HITS, "blob reads served from the memory tier");

@@ -186,6 +186,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
         state.storage.clone(),
         state.events.clone(),
         Duration::from_secs(state.cfg.cluster.repair_interval_secs.max(1)),
+        Duration::from_secs(state.cfg.cluster.repair_full_interval_secs.max(1)),
         rx.clone(),
     ));
     tokio::spawn(crate::build_events::sweep_loop(state.events.local.clone(), state.scheduler.shared.clone(), rx.clone()));
@@ -275,11 +276,13 @@ async fn follow_membership(
     }
 }
 
-/// Runs a repair pass every `every` until shutdown.
+/// Every `every` until shutdown: a full repair pass of the blobs if one is due, and a step of
+/// the build events' repair.
 async fn repair_loop(
     storage: crate::storage::Storage,
     events: crate::build_events::ClusterEvents,
     every: Duration,
+    full_every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut events_from = None;
@@ -288,7 +291,7 @@ async fn repair_loop(
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        if let Err(e) = storage.repair_pass().await {
+        if let Err(e) = storage.repair_if_due(full_every).await {
             tracing::warn!(error = %e, "repair pass failed");
         }
         match events.repair_pass(events_from.take()).await {

@@ -60,6 +60,22 @@ pub struct RepairStats {
     pub pushed: usize,
     pub dropped: usize,
     pub unreachable: usize,
+    /// Blobs whose owners could not be confirmed to hold them (asked or pushed in vain).
+    pub unconfirmed: usize,
+}
+
+/// When the next full repair pass is due. A pass reads every blob of the node and asks their
+/// owners about them: its cost grows with the store, so it runs when something may need
+/// repair (this node started, the ring changed, a replica could not be pushed, the last pass
+/// could not confirm everything) and otherwise only every `full_every`, to catch what no node
+/// saw fail (an owner that lost its disk).
+#[derive(Default)]
+struct RepairState {
+    /// Bumped when a replica could not be pushed.
+    wanted: std::sync::atomic::AtomicU64,
+    /// `wanted` and the ring version as of the start of the last pass that confirmed every
+    /// replica, and when that pass started.
+    clean: std::sync::Mutex<Option<(u64, u64, std::time::Instant)>>,
 }
 
 /// What a client asked to have inlined into a GetActionResult answer.
@@ -77,11 +93,12 @@ pub struct Storage {
     channels: PeerChannels,
     node_id: u64,
     ac_cfg: Arc<ActionCacheConfig>,
+    repair: Arc<RepairState>,
 }
 
 impl Storage {
     pub fn new(local: BlobStore, local_ac: ActionCacheStore, placement: Placement, channels: PeerChannels, node_id: u64, ac_cfg: ActionCacheConfig) -> Self {
-        Self { local, local_ac, placement, channels, node_id, ac_cfg: Arc::new(ac_cfg) }
+        Self { local, local_ac, placement, channels, node_id, ac_cfg: Arc::new(ac_cfg), repair: Arc::default() }
     }
 
     /// A ring of this node alone: every call is local.
@@ -248,7 +265,10 @@ impl Storage {
                 // be dropped by a repair pass (moved to its owners) before it was pushed.
                 Err(e) => match owners.iter().find(|o| o.id == *id) {
                     Some(o) if self.missing_at(o, std::slice::from_ref(d)).await.is_ok_and(|m| m.is_empty()) => ok += 1,
-                    _ => tracing::warn!(node = id, digest = %d, error = %e, "owner unreachable; blob kept here for repair"),
+                    _ => {
+                        self.repair.wanted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(node = id, digest = %d, error = %e, "owner unreachable; blob kept here for repair")
+                    }
                 },
             }
         }
@@ -494,6 +514,31 @@ impl Storage {
     /// a replica lost with a disk), and a copy this node holds without owning it is dropped
     /// once all its owners confirmed they have it (a rebalance completes). Bounded work per
     /// call; nothing is dropped unless every owner answered.
+    /// Runs a full [`Self::repair_pass`] if one is due (see [`RepairState`]); `None` if not.
+    pub async fn repair_if_due(&self, full_every: std::time::Duration) -> Result<Option<RepairStats>> {
+        use std::sync::atomic::Ordering;
+        let wanted = self.repair.wanted.load(Ordering::Relaxed);
+        let ring = self.placement.version();
+        let last = *self.repair.clean.lock().unwrap_or_else(|p| p.into_inner());
+        let due = match last {
+            Some((w, r, at)) => w != wanted || r != ring || at.elapsed() >= full_every,
+            None => true,
+        };
+        if !due {
+            return Ok(None);
+        }
+        let started = std::time::Instant::now();
+        let stats = self.repair_pass().await?;
+        metrics::counter!(crate::metrics::REPAIR_PASSES).increment(1);
+        metrics::counter!(crate::metrics::REPAIR_SCANNED).increment(stats.scanned as u64);
+        if stats.unreachable == 0 && stats.unconfirmed == 0 {
+            *self.repair.clean.lock().unwrap_or_else(|p| p.into_inner()) = Some((wanted, ring, started));
+        }
+        Ok(Some(stats))
+    }
+
+    /// Reads every blob of this node and makes sure each of its owners holds it; copies this
+    /// node holds without owning them are dropped once every owner confirmed.
     pub async fn repair_pass(&self) -> Result<RepairStats> {
         let mut stats = RepairStats::default();
         if self.placement.ring().members().len() < 2 {
@@ -542,6 +587,7 @@ impl Storage {
                 }
             }
             stats.scanned += page.len();
+            stats.unconfirmed += unconfirmed.len();
             if page.len() < REPAIR_PAGE {
                 break;
             }
