@@ -212,9 +212,16 @@ impl Consensus {
         if !self.is_leader() || !self.members_read_batches() {
             return write(&self.raft, cmd).await;
         }
+        let kind = cmd.kind();
         let (reply, answer) = oneshot::channel();
         self.batcher.send((cmd, reply)).await.map_err(|_| ProposeError::Unavailable("the proposal batcher stopped".into()))?;
-        answer.await.map_err(|_| ProposeError::Unavailable("the proposal batcher dropped a command".into()))?
+        // Bounded like a lone write: behind entries that wait for a lost quorum, a command
+        // would otherwise wait for each of them in turn.
+        match tokio::time::timeout(COMMIT_TIMEOUT, answer).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ProposeError::Unavailable("the proposal batcher dropped a command".into())),
+            Err(_) => Err(ProposeError::Unavailable(format!("no quorum committed the {kind} command within {} s", COMMIT_TIMEOUT.as_secs()))),
+        }
     }
 
     /// Proposes `cmd` to this node's Raft and waits until it is applied here.
