@@ -509,11 +509,6 @@ impl Storage {
 
     // ---- Repair ---------------------------------------------------------------------------
 
-    /// One pass over the blobs this node holds: every owner that lacks one gets it (a write
-    /// that missed an owner, an owner that was down, a new owner after a membership change,
-    /// a replica lost with a disk), and a copy this node holds without owning it is dropped
-    /// once all its owners confirmed they have it (a rebalance completes). Bounded work per
-    /// call; nothing is dropped unless every owner answered.
     /// Runs a full [`Self::repair_pass`] if one is due (see [`RepairState`]); `None` if not.
     pub async fn repair_if_due(&self, full_every: std::time::Duration) -> Result<Option<RepairStats>> {
         use std::sync::atomic::Ordering;
@@ -531,14 +526,18 @@ impl Storage {
         let stats = self.repair_pass().await?;
         metrics::counter!(crate::metrics::REPAIR_PASSES).increment(1);
         metrics::counter!(crate::metrics::REPAIR_SCANNED).increment(stats.scanned as u64);
-        if stats.unreachable == 0 && stats.unconfirmed == 0 {
+        // An unreachable owner leaves its blobs unconfirmed too.
+        if stats.unconfirmed == 0 {
             *self.repair.clean.lock().unwrap_or_else(|p| p.into_inner()) = Some((wanted, ring, started));
         }
         Ok(Some(stats))
     }
 
-    /// Reads every blob of this node and makes sure each of its owners holds it; copies this
-    /// node holds without owning them are dropped once every owner confirmed.
+    /// One pass over the blobs this node holds: every owner that lacks one gets it (a write
+    /// that missed an owner, an owner that was down, a new owner after a membership change,
+    /// a replica lost with a disk), and a copy this node holds without owning it is dropped
+    /// once all its owners confirmed they have it (a rebalance completes). Bounded work per
+    /// call; nothing is dropped unless every owner answered.
     pub async fn repair_pass(&self) -> Result<RepairStats> {
         let mut stats = RepairStats::default();
         if self.placement.ring().members().len() < 2 {

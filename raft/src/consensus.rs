@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::command::{Command, CommandResult, BATCH_COMMAND_VERSION};
 use crate::log_store::LogStore;
@@ -79,10 +79,6 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 const FORWARD_V1: u8 = 1;
 /// Most commands one Raft entry carries.
 const MAX_BATCH: usize = 256;
-/// Entries the batcher has proposed and not yet seen applied. openraft writes and flushes each
-/// entry on its own, one after the other; commands arriving while these are in flight wait and
-/// then share the next entry, and its flush.
-const MAX_IN_FLIGHT: usize = 1;
 /// Commands waiting for an entry at most; proposers beyond wait for room.
 const MAX_WAITING: usize = 4096;
 
@@ -261,43 +257,29 @@ async fn write(raft: &Raft, cmd: Command) -> Result<(CommandResult, u64), Propos
 
 /// Group commit of proposals. openraft 0.9 appends and flushes each client write on its own,
 /// in its core task, one after the other: under load that serial flush, not the CPU or the
-/// network, bounded how many commands a second the cluster took. The batcher keeps at most
-/// [`MAX_IN_FLIGHT`] entries proposed; whatever arrives meanwhile goes into one
-/// [`Command::Batch`] entry. A lone command is proposed as itself, so an idle node adds no
-/// latency and writes the format older nodes read.
+/// network, bounded how many commands a second the cluster took. The batcher keeps one entry
+/// in flight; whatever arrives meanwhile goes into the next one, a [`Command::Batch`]. A lone
+/// command is proposed as itself, so an idle node adds no latency and writes the format older
+/// nodes read.
 async fn run_batcher(raft: Raft, mut waiting: mpsc::Receiver<(Command, Reply)>) {
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    loop {
-        let Ok(slot) = in_flight.clone().acquire_owned().await else { return };
-        let mut batch = Vec::new();
-        if waiting.recv_many(&mut batch, MAX_BATCH).await == 0 {
-            return;
+    let mut batch = Vec::new();
+    while waiting.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        metrics::histogram!(BATCH_COMMANDS).record(batch.len() as f64);
+        if batch.len() == 1 {
+            let (cmd, reply) = batch.pop().expect("one command");
+            let _ = reply.send(write(&raft, cmd).await);
+            continue;
         }
-        let raft = raft.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            metrics::histogram!(BATCH_COMMANDS).record(batch.len() as f64);
-            if batch.len() == 1 {
-                let (cmd, reply) = batch.pop().expect("one command");
-                let _ = reply.send(write(&raft, cmd).await);
-                return;
-            }
-            let n = batch.len();
-            let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
-            let answers: Vec<Result<(CommandResult, u64), ProposeError>> = match write(&raft, Command::Batch(cmds)).await {
-                Ok((CommandResult::Batch(results), index)) if results.len() == n => {
-                    results.into_iter().map(|r| Ok((r, index))).collect()
-                }
-                Ok((other, _)) => {
-                    let e = ProposeError::Unavailable(format!("a batch of {n} commands was answered with {other:?}"));
-                    vec![Err(e); n]
-                }
-                Err(e) => vec![Err(e); n],
-            };
-            for (reply, answer) in replies.into_iter().zip(answers) {
-                let _ = reply.send(answer);
-            }
-        });
+        let n = batch.len();
+        let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.drain(..).unzip();
+        let answers: Vec<Result<(CommandResult, u64), ProposeError>> = match write(&raft, Command::Batch(cmds)).await {
+            Ok((CommandResult::Batch(results), index)) if results.len() == n => results.into_iter().map(|r| Ok((r, index))).collect(),
+            Ok((other, _)) => vec![Err(ProposeError::Unavailable(format!("a batch of {n} commands was answered with {other:?}"))); n],
+            Err(e) => vec![Err(e); n],
+        };
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            let _ = reply.send(answer);
+        }
     }
 }
 

@@ -67,16 +67,6 @@ fn held_by(o: &Operation, session: &str) -> bool {
     o.stage == Stage::Executing && o.bot_session.as_deref() == Some(session)
 }
 
-/// The lease that hands `o` to a bot, with `payload` as the payload.
-fn lease_of(o: &Operation, payload: kiln_proto::protobuf::Any) -> Lease {
-    Lease { id: o.lease_id(), payload: Some(kiln_proto::convert::any_to_prost(payload)), state: LeaseState::Pending as i32, ..Default::default() }
-}
-
-/// The Action digest as a lease payload.
-fn digest_payload(o: &Operation) -> kiln_proto::protobuf::Any {
-    kiln_proto::pack_any(DIGEST_TYPE, &kiln_proto::reapi::Digest { hash: o.action.hash.clone(), size_bytes: o.action.size })
-}
-
 /// Reorders the candidates of the node at `index` among `members` nodes: the first
 /// `same_priority` (the oldest operations of the first priority) are rotated so that each node's
 /// bots start at a different place and bots on different nodes claim different work instead of
@@ -301,22 +291,20 @@ impl BotsService {
     /// starts on the Command and the input tree without first asking for the Action. Otherwise
     /// it is the Action's digest, which Kiln's worker fetches.
     async fn pending_lease(&self, o: &Operation) -> Lease {
+        let digest = kiln_proto::reapi::Digest { hash: o.action.hash.clone(), size_bytes: o.action.size };
         let stored = match DigestFunction::from_request(o.action.digest_function) {
             // Kiln's worker hashes with SHA-256 only; it names an Action sent as bytes by their hash.
-            Ok(DigestFunction::Sha256) if o.action.size <= MAX_INLINE_ACTION => {
-                let d = kiln_proto::reapi::Digest { hash: o.action.hash.clone(), size_bytes: o.action.size };
-                match BlobDigest::from_proto_opt(DigestFunction::Sha256, Some(&d)) {
-                    Ok(d) => self.state.storage.read_small(&d).await.ok().flatten(),
-                    Err(_) => None,
-                }
-            }
+            Ok(DigestFunction::Sha256) if o.action.size <= MAX_INLINE_ACTION => match BlobDigest::from_proto_opt(DigestFunction::Sha256, Some(&digest)) {
+                Ok(d) => self.state.storage.read_small(&d).await.ok().flatten(),
+                Err(_) => None,
+            },
             _ => None,
         };
         let payload = match stored {
             Some(bytes) => kiln_proto::protobuf::Any { type_url: kiln_proto::type_url(ACTION_TYPE), value: bytes.to_vec() },
-            None => digest_payload(o),
+            None => kiln_proto::pack_any(DIGEST_TYPE, &digest),
         };
-        lease_of(o, payload)
+        Lease { id: o.lease_id(), payload: Some(kiln_proto::convert::any_to_prost(payload)), state: LeaseState::Pending as i32, ..Default::default() }
     }
 
     /// This node's position among the members (by id) and their number.
