@@ -291,6 +291,11 @@ pub struct StorageConfig {
     /// Memory sled may use for its page cache, in bytes. Default 64 MiB.
     #[serde(default = "default_index_cache_bytes")]
     pub index_cache_bytes: u64,
+    /// Blobs whose presence is remembered in memory (32 bytes each in two hash tables; the
+    /// default, 1,835,008, fills their 2^20 buckets each to 7/8: 66 MiB once full). A presence
+    /// check of a remembered blob needs no index read. Default 1835008.
+    #[serde(default = "default_presence_cache_entries")]
+    pub presence_cache_entries: usize,
     /// Unfinished ByteStream uploads kept for resumption at most. Default 1024.
     #[serde(default = "default_max_partial_uploads")]
     pub max_partial_uploads: usize,
@@ -437,6 +442,9 @@ fn default_memory_tier_max_blob_bytes() -> u64 {
 fn default_index_cache_bytes() -> u64 {
     64 << 20
 }
+fn default_presence_cache_entries() -> usize {
+    2 * (7 << 20) / 8
+}
 fn default_max_partial_uploads() -> usize {
     1024
 }
@@ -470,6 +478,7 @@ impl Default for StorageConfig {
             memory_tier_max_blob_bytes: default_memory_tier_max_blob_bytes(),
             pack_file_bytes: default_pack_file_bytes(),
             index_cache_bytes: default_index_cache_bytes(),
+            presence_cache_entries: default_presence_cache_entries(),
             max_partial_uploads: default_max_partial_uploads(),
             partial_upload_ttl_secs: default_partial_upload_ttl_secs(),
         }

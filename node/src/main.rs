@@ -7,6 +7,12 @@ use clap::{Parser, Subcommand};
 use kiln_node::config::Config;
 use kiln_node::worker::bot::WorkerOptions;
 
+/// mimalloc: FindMissingBlobs and the Action Cache allocate many small strings per call, and
+/// glibc's malloc spent a quarter of FindMissingBlobs' time on them. Without transparent huge
+/// pages (`no_thp`), which left a node's RSS three times as large after the benchmark.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Kiln: a remote execution and caching cluster for build tools")]
 struct Cli {

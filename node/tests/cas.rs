@@ -46,6 +46,31 @@ async fn batch_upload_then_find_missing_and_batch_read() {
         .missing_blob_digests;
     assert_eq!(missing, vec![absent.clone()]);
 
+    // A large request (checked over several threads) mixing present, absent and repeated
+    // digests: every absent one comes back, in request order, repeats included.
+    let mut query = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..3000usize {
+        let d = match i % 7 {
+            0 => digests[i % digests.len()].clone(),
+            3 => absent.clone(),
+            _ => sha256(format!("absent {i}").as_bytes()),
+        };
+        if i % 7 != 0 {
+            expected.push(d.clone());
+        }
+        query.push(d);
+    }
+    let missing = n
+        .cas()
+        .find_missing_blobs(FindMissingBlobsRequest { instance_name: String::new(), blob_digests: query, digest_function: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests;
+    assert_eq!(missing.len(), expected.len());
+    assert!(missing == expected, "missing digests out of request order");
+
     let mut want = digests.clone();
     want.push(absent.clone());
     let resp = n

@@ -32,8 +32,6 @@ const INDEX_ENTRY_V2: u8 = 2;
 const STRIPES: usize = 64;
 /// Eviction frees space down to this fraction of the limit, so it does not run on every write.
 const EVICT_LOW_WATERMARK: f64 = 0.9;
-/// Entries of the presence cache (about 60 bytes each).
-const PRESENCE_CACHE_ENTRIES: usize = 256 * 1024;
 /// Longest delay between a touch and its record in the index. Touches inside it are not
 /// written again: FindMissingBlobs of 10,000 present blobs costs 10,000 index reads, not writes.
 const MAX_TOUCH_GRANULARITY: Duration = Duration::from_secs(60);
@@ -236,7 +234,7 @@ impl BlobStore {
             fsync: cfg.storage.fsync,
             syncer,
             absent,
-            presence: Mutex::new(PresenceCache::new(PRESENCE_CACHE_ENTRIES)),
+            presence: Mutex::new(PresenceCache::new(cfg.storage.presence_cache_entries)),
             memory: Mutex::new(MemoryTier::new(cfg.storage.memory_tier_bytes, cfg.storage.memory_tier_max_blob_bytes)),
             packs,
             total_bytes: AtomicU64::new(total),
@@ -460,7 +458,7 @@ impl BlobStore {
                 let cache = self.0.presence.lock();
                 part.iter()
                     .map(|d| {
-                        d.is_empty_blob() || cache.peek(&d.key()).is_some_and(|c| self.cached_present(c, d, now))
+                        d.is_empty_blob() || cache.peek(&d.key()).is_some_and(|c| self.cached_present(&c, d, now))
                     })
                     .collect()
             };

@@ -49,8 +49,18 @@ impl CasService {
         check_instance_name(&req.instance_name)?;
         let f = DigestFunction::from_request(req.digest_function)?;
         let digests = parse_all(f, &req.blob_digests, "blob_digests")?;
-        let missing = self.state.storage.find_missing(digests).await?;
-        Ok(FindMissingBlobsResponse { missing_blob_digests: missing.iter().map(BlobDigest::to_proto).collect() })
+        let missing = self.state.storage.find_missing(digests.clone()).await?;
+        // The missing ones come back in request order: answer with the request's own messages
+        // (they parsed, so they are canonical) rather than hex-encode each hash again.
+        let mut next = missing.iter().peekable();
+        let taken: Vec<bool> = digests.iter().map(|d| next.next_if_eq(&d).is_some()).collect();
+        if next.peek().is_some() {
+            // Not a subsequence after all: answer plainly rather than drop a missing digest.
+            return Ok(FindMissingBlobsResponse { missing_blob_digests: missing.iter().map(BlobDigest::to_proto).collect() });
+        }
+        let missing_blob_digests =
+            req.blob_digests.into_iter().zip(taken).filter_map(|(p, take)| take.then_some(p)).collect();
+        Ok(FindMissingBlobsResponse { missing_blob_digests })
     }
 
     async fn batch_update(&self, req: BatchUpdateBlobsRequest) -> Result<BatchUpdateBlobsResponse> {
