@@ -29,6 +29,13 @@ pub const EXECUTE_RESPONSE: &str = "build.bazel.remote.execution.v2.ExecuteRespo
 pub const ACTION_RESULT_TYPE: &str = "build.bazel.remote.execution.v2.ActionResult";
 pub const EXECUTE_METADATA: &str = "build.bazel.remote.execution.v2.ExecuteOperationMetadata";
 
+fn proposal_error(e: ProposeError) -> KilnError {
+    match e {
+        ProposeError::NotLeader { leader } => KilnError::Unavailable(format!("this node cannot reach the scheduling leader (leader: {leader:?})")),
+        ProposeError::Unavailable(m) | ProposeError::Refused(m) => KilnError::Unavailable(format!("scheduling state unavailable: {m}")),
+    }
+}
+
 /// Proposes through this node: locally on the leader, forwarded one hop from a follower.
 pub struct NodeProposer(pub Consensus);
 
@@ -98,12 +105,16 @@ impl Scheduler {
         let (kind, started) = (cmd.kind(), std::time::Instant::now());
         let r = self.proposer.propose(cmd).await;
         metrics::histogram!(crate::metrics::SCHEDULER_PROPOSAL_SECONDS, "command" => kind).record(started.elapsed().as_secs_f64());
-        r.map_err(|e| match e {
-            ProposeError::NotLeader { leader } => {
-                KilnError::Unavailable(format!("this node cannot reach the scheduling leader (leader: {leader:?})"))
-            }
-            ProposeError::Unavailable(m) => KilnError::Unavailable(format!("scheduling state unavailable: {m}")),
-        })
+        r.map_err(proposal_error)
+    }
+
+    /// Proposes `cmds` to be applied one after the other, in one Raft entry when the cluster
+    /// allows it; their results in order.
+    pub async fn propose_together(&self, cmds: Vec<Command>) -> Result<Vec<CommandResult>> {
+        let started = std::time::Instant::now();
+        let r = self.consensus.propose_together_anywhere(cmds).await;
+        metrics::histogram!(crate::metrics::SCHEDULER_PROPOSAL_SECONDS, "command" => "together").record(started.elapsed().as_secs_f64());
+        r.map_err(proposal_error)
     }
 
     /// What this node's actors are given.

@@ -45,6 +45,10 @@ pub enum ProposeError {
     /// No quorum or the Raft core stopped.
     #[error("scheduling state unavailable: {0}")]
     Unavailable(String),
+    /// The leader will not take these commands in one entry (a member cannot read it, or the
+    /// leader predates forwarded batches): propose them one by one.
+    #[error("the leader refused the commands as one entry: {0}")]
+    Refused(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,7 +181,16 @@ impl Consensus {
         let mut client = self.channels.client(addr).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         let mut req = tonic::Request::new(ProposeRequest { version: PEER_VERSION, command: crate::codec::encode(FORWARD_V1, cmd) });
         req.set_timeout(LEADER_WAIT);
-        let resp = client.propose(req).await.map_err(|s| ProposeError::Unavailable(format!("forwarding to the leader at {addr}: {}", s.message())))?;
+        let resp = client.propose(req).await.map_err(|s| {
+            let why = format!("forwarding to the leader at {addr}: {}", s.message());
+            // A batch refused: by a leader whose members do not all read it, or by a leader of
+            // the release before forwarded batches, which rejects them as invalid.
+            if matches!(cmd, Command::Batch(_)) && matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument) {
+                ProposeError::Refused(why)
+            } else {
+                ProposeError::Unavailable(why)
+            }
+        })?;
         let resp = resp.into_inner();
         Ok((decode_forwarded(&resp.result).map_err(ProposeError::Unavailable)?, resp.log_index))
     }
@@ -205,7 +218,13 @@ impl Consensus {
     /// While every member reads batches, concurrent proposals share entries: see [`run_batcher`].
     pub async fn propose_indexed(&self, cmd: Command) -> Result<(CommandResult, u64), ProposeError> {
         // A follower's proposal is refused at once with the leader's name: no batching.
-        if !self.is_leader() || !self.members_read_batches() {
+        if !self.is_leader() {
+            return write(&self.raft, cmd).await;
+        }
+        if !self.members_read_batches() {
+            if matches!(cmd, Command::Batch(_)) {
+                return Err(ProposeError::Refused("a member does not read batched entries yet".into()));
+            }
             return write(&self.raft, cmd).await;
         }
         let kind = cmd.kind();
@@ -223,6 +242,27 @@ impl Consensus {
     /// Proposes `cmd` to this node's Raft and waits until it is applied here.
     pub async fn propose(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
         self.propose_indexed(cmd).await.map(|(r, _)| r)
+    }
+
+    /// Proposes `cmds` to be applied one after the other, from any node (see
+    /// [`Self::propose_anywhere`]): in one entry when the leader and every member read batches
+    /// (one round trip to the leader and one commit instead of one each), else one by one.
+    /// Returns their results in order.
+    pub async fn propose_together_anywhere(&self, cmds: Vec<Command>) -> Result<Vec<CommandResult>, ProposeError> {
+        let n = cmds.len();
+        if n > 1 {
+            match self.propose_anywhere(Command::Batch(cmds.clone())).await {
+                Ok(CommandResult::Batch(results)) if results.len() == n => return Ok(results),
+                Ok(other) => return Err(ProposeError::Unavailable(format!("{n} commands proposed together were answered with {other:?}"))),
+                Err(ProposeError::Refused(why)) => tracing::debug!(why, "proposing the commands one by one"),
+                Err(e) => return Err(e),
+            }
+        }
+        let mut results = Vec::with_capacity(n);
+        for cmd in cmds {
+            results.push(self.propose_anywhere(cmd).await?);
+        }
+        Ok(results)
     }
 
     /// Whether every other member said it reads [`Command::Batch`] entries.
@@ -270,15 +310,43 @@ async fn run_batcher(raft: Raft, mut waiting: mpsc::Receiver<(Command, Reply)>) 
             let _ = reply.send(write(&raft, cmd).await);
             continue;
         }
-        let n = batch.len();
-        let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.drain(..).unzip();
-        let answers: Vec<Result<(CommandResult, u64), ProposeError>> = match write(&raft, Command::Batch(cmds)).await {
-            Ok((CommandResult::Batch(results), index)) if results.len() == n => results.into_iter().map(|r| Ok((r, index))).collect(),
-            Ok((other, _)) => vec![Err(ProposeError::Unavailable(format!("a batch of {n} commands was answered with {other:?}"))); n],
-            Err(e) => vec![Err(e); n],
-        };
-        for (reply, answer) in replies.into_iter().zip(answers) {
-            let _ = reply.send(answer);
+        // Commands proposed together (a forwarded batch) join the entry flat, never nested,
+        // and get their results back together.
+        let mut cmds = Vec::with_capacity(batch.len());
+        let mut groups = Vec::with_capacity(batch.len());
+        for (cmd, reply) in batch.drain(..) {
+            match cmd {
+                Command::Batch(together) => {
+                    groups.push((reply, Some(together.len())));
+                    cmds.extend(together);
+                }
+                cmd => {
+                    groups.push((reply, None));
+                    cmds.push(cmd);
+                }
+            }
+        }
+        let n = cmds.len();
+        match write(&raft, Command::Batch(cmds)).await {
+            Ok((CommandResult::Batch(results), index)) if results.len() == n => {
+                let mut results = results.into_iter();
+                for (reply, together) in groups {
+                    let r = match together {
+                        Some(k) => CommandResult::Batch(results.by_ref().take(k).collect()),
+                        None => results.next().expect("one result per command"),
+                    };
+                    let _ = reply.send(Ok((r, index)));
+                }
+            }
+            other => {
+                let e = match other {
+                    Err(e) => e,
+                    Ok((r, _)) => ProposeError::Unavailable(format!("a batch of {n} commands was answered with {r:?}")),
+                };
+                for (reply, _) in groups {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
         }
     }
 }

@@ -138,3 +138,63 @@ async fn concurrent_proposals_share_entries_and_each_gets_its_own_result() {
     }
     assert_eq!(c.shared.read(|s| s.sched.queue_len()), 63);
 }
+
+#[tokio::test]
+async fn commands_proposed_together_apply_in_order_in_one_entry_among_other_proposals() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path(), 5000).await;
+    let applied = |c: &Consensus| c.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
+    c.propose(Command::CreateBotSession { name: "s1".into(), bot_id: "b1".into(), platform: vec![], now_ms: 2000 }).await.unwrap();
+    for i in 0..2 {
+        c.propose(enqueue(i)).await.unwrap();
+    }
+    assert_eq!(
+        c.propose(Command::Assign { session: "s1".into(), op: "op-0".into(), now_ms: 2001 }).await.unwrap(),
+        CommandResult::Applied(true)
+    );
+    // A result and the next claim: the claim sees the session freed by the result before it.
+    let before = applied(&c);
+    let results = c
+        .propose_together_anywhere(vec![
+            Command::Complete { op: "op-0".into(), response: vec![], now_ms: 2002 },
+            Command::Assign { session: "s1".into(), op: "op-1".into(), now_ms: 2002 },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(results, vec![CommandResult::Applied(true), CommandResult::Applied(true)]);
+    assert_eq!(applied(&c) - before, 1, "the pair took one entry");
+    assert_eq!(c.shared.operation("op-1").map(|o| o.stage), Some(Stage::Executing));
+    // Reversed, the claim finds the session busy: the order is kept.
+    c.propose(enqueue(2)).await.unwrap();
+    let results = c
+        .propose_together_anywhere(vec![
+            Command::Assign { session: "s1".into(), op: "op-2".into(), now_ms: 2003 },
+            Command::Complete { op: "op-1".into(), response: vec![], now_ms: 2003 },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(results, vec![CommandResult::Applied(false), CommandResult::Applied(true)]);
+
+    // Groups and lone commands in flight at once share entries, flat; each caller gets its own
+    // results: enqueueing the same action twice in a group joins the first.
+    let mut tasks = Vec::new();
+    for i in 10..42 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                vec![c.propose(enqueue(i)).await.unwrap()]
+            } else {
+                c.propose_together_anywhere(vec![enqueue(i), enqueue(i)]).await.unwrap()
+            }
+        }));
+    }
+    for (i, t) in (10..42).zip(tasks) {
+        let name = format!("op-{i}");
+        let want = if i % 2 == 0 {
+            vec![CommandResult::Enqueued { name, joined: false }]
+        } else {
+            vec![CommandResult::Enqueued { name: name.clone(), joined: false }, CommandResult::Enqueued { name, joined: true }]
+        };
+        assert_eq!(t.await.unwrap(), want, "results of op-{i}");
+    }
+}

@@ -8,7 +8,9 @@
 //!
 //! A bot with nothing to do long-polls: UpdateBotSession waits (bounded by the call's deadline)
 //! until work it can run is queued, then claims it with an `Assign` proposal; the first valid
-//! claim wins in the state machine, so two nodes never hand one operation to two bots.
+//! claim wins in the state machine, so two nodes never hand one operation to two bots. A bot
+//! that reports a result and has nothing else to run claims its next operation in the same
+//! Raft entry as the result.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -183,8 +185,10 @@ impl BotsService {
     }
 
     /// Stores the bot's result: Action Cache first (so a client that sees the operation done
-    /// finds the cache entry too), then `Complete`.
-    async fn complete(&self, op: &Operation, lease: &Lease) -> Result<()> {
+    /// finds the cache entry too), then `Complete`. With `next`, the session's claim of its
+    /// next operation goes in the same Raft entry, right after the result: one proposal
+    /// instead of two per action. Returns the lease of the claimed operation if the claim won.
+    async fn complete(&self, op: &Operation, lease: &Lease, next: Option<(&str, Claim)>) -> Result<Option<Lease>> {
         let mut resp = response_of(lease);
         if let Some(r) = resp.result.as_mut() {
             let m = r.execution_metadata.get_or_insert_with(Default::default);
@@ -204,14 +208,42 @@ impl BotsService {
                 }
             }
         }
-        let cmd = Command::Complete { op: op.name.clone(), response: resp.encode_to_vec(), now_ms: kiln_actors::context::now_ms() };
-        let done = self.state.scheduler.propose(cmd).await?;
+        let now_ms = kiln_actors::context::now_ms();
+        let cmd = Command::Complete { op: op.name.clone(), response: resp.encode_to_vec(), now_ms };
+        let (done, claimed) = match &next {
+            None => (self.state.scheduler.propose(cmd).await?, None),
+            Some((session, claim)) => {
+                let assign = Command::Assign { session: session.to_string(), op: claim.op.clone(), now_ms };
+                let mut results = self.state.scheduler.propose_together(vec![cmd, assign]).await?.into_iter();
+                let done = results.next().unwrap_or(CommandResult::None);
+                let won = self.claim_won(results.next(), &claim.op, session);
+                (done, won.then(|| claim.op.clone()))
+            }
+        };
         // Logged once: by the node whose Complete took effect.
-        if let (Some(logger), kiln_raft::command::CommandResult::Applied(true)) = (&self.state.completed_actions, done) {
+        if let (Some(logger), CommandResult::Applied(true)) = (&self.state.completed_actions, done) {
             let digest = kiln_proto::reapi::Digest { hash: op.action.hash.clone(), size_bytes: op.action.size };
             logger.log(&op.action.instance_name, digest, resp);
         }
-        Ok(())
+        match claimed {
+            Some(name) => Ok(Some(self.handed_out(&name, next.map(|(s, _)| s).unwrap_or_default()).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether `session` holds `op` after its `Assign` was answered `result`.
+    fn claim_won(&self, result: Option<CommandResult>, op: &str, session: &str) -> bool {
+        result == Some(CommandResult::Applied(true))
+            // A proposal retried after its answer was lost reads as a lost claim although its
+            // first attempt won: the state says whose it is.
+            || self.state.scheduler.shared.read(|st| st.sched.ops.get(op).is_some_and(|o| held_by(o, session)))
+    }
+
+    /// The lease of `op`, just claimed by `session`.
+    async fn handed_out(&self, op: &str, session: &str) -> Result<Lease> {
+        let o = self.state.scheduler.shared.operation(op).ok_or_else(|| KilnError::Internal("assigned operation vanished".into()))?;
+        tracing::info!(operation = %op, session, "lease handed out");
+        Ok(self.pending_lease(&o).await)
     }
 
     async fn update(&self, budget: Duration, req: UpdateBotSessionRequest) -> Result<BotSession> {
@@ -223,6 +255,7 @@ impl BotsService {
         let terminating = s.status == BotStatus::BotTerminating as i32;
         // Results first, even from a session the cluster forgot: a finished action is not redone.
         let mut keep = Vec::new();
+        let mut finished = Vec::new();
         for lease in std::mem::take(&mut s.leases) {
             let op = sched.shared.operation(op_of_lease(&lease.id));
             match LeaseState::try_from(lease.state).unwrap_or(LeaseState::Unspecified) {
@@ -230,7 +263,7 @@ impl BotsService {
                     // Only the current attempt's result counts: a lease that was requeued
                     // meanwhile (its bot presumed lost) may be running again elsewhere.
                     if let Some(op) = op.filter(|o| !o.is_done() && o.lease_id() == lease.id) {
-                        self.complete(&op, &lease).await?;
+                        finished.push((op, lease));
                     }
                 }
                 LeaseState::Cancelled => {}
@@ -243,6 +276,17 @@ impl BotsService {
                     }
                     keep.push(l);
                 }
+            }
+        }
+        // A bot left with nothing to run claims its next operation along with its result.
+        let wants_work = finished.len() == 1 && keep.is_empty() && !terminating;
+        for (op, lease) in finished {
+            let next = match (&known, wants_work) {
+                (Some(platform), true) => self.candidates(platform).into_iter().find_map(|c| Claim::take(&self.claiming, &c)),
+                _ => None,
+            };
+            if let Some(claimed) = self.complete(&op, &lease, next.map(|c| (name.as_str(), c))).await? {
+                keep.push(claimed);
             }
         }
         let Some(platform) = known else {
@@ -307,6 +351,31 @@ impl BotsService {
         Lease { id: o.lease_id(), payload: Some(kiln_proto::convert::any_to_prost(payload)), state: LeaseState::Pending as i32, ..Default::default() }
     }
 
+    /// Queued operations a bot of `platform` may claim, in the order this node's bots try them:
+    /// the oldest first, spread over the nodes (see [`spread`]).
+    fn candidates(&self, platform: &[(String, String)]) -> Vec<String> {
+        let (mut candidates, same_priority) = self.state.scheduler.shared.read(|st| {
+            let mut head = None;
+            let mut same = 0;
+            let names: Vec<String> = st
+                .sched
+                .queued()
+                .filter(|o| kiln_raft::scheduler::platform_matches(&o.platform, platform))
+                .take(16)
+                .inspect(|o| {
+                    if *head.get_or_insert(o.priority) == o.priority {
+                        same += 1;
+                    }
+                })
+                .map(|o| o.name.clone())
+                .collect();
+            (names, same)
+        });
+        let (index, members) = self.member_position();
+        spread(&mut candidates, same_priority, index, members);
+        candidates
+    }
+
     /// This node's position among the members (by id) and their number.
     fn member_position(&self) -> (usize, usize) {
         let c = &self.state.scheduler.consensus;
@@ -323,25 +392,7 @@ impl BotsService {
             let notified = sched.shared.work_available.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (mut candidates, same_priority) = sched.shared.read(|st| {
-                let mut head = None;
-                let mut same = 0;
-                let names: Vec<String> = st
-                    .sched
-                    .queued()
-                    .filter(|o| kiln_raft::scheduler::platform_matches(&o.platform, platform))
-                    .take(16)
-                    .inspect(|o| {
-                        if *head.get_or_insert(o.priority) == o.priority {
-                            same += 1;
-                        }
-                    })
-                    .map(|o| o.name.clone())
-                    .collect();
-                (names, same)
-            });
-            let (index, members) = self.member_position();
-            spread(&mut candidates, same_priority, index, members);
+            let candidates = self.candidates(platform);
             let mut left_to_others = false;
             let mut tried = 0;
             for op in candidates {
@@ -354,14 +405,9 @@ impl BotsService {
                 };
                 tried += 1;
                 let cmd = Command::Assign { session: session.to_string(), op: op.clone(), now_ms: kiln_actors::context::now_ms() };
-                let won = sched.propose(cmd).await? == CommandResult::Applied(true)
-                    // A proposal retried after its answer was lost reads as a lost claim
-                    // although its first attempt won: the state says whose it is.
-                    || sched.shared.read(|st| st.sched.ops.get(&op).is_some_and(|o| held_by(o, session)));
-                if won {
-                    let o = sched.shared.operation(&op).ok_or_else(|| KilnError::Internal("assigned operation vanished".into()))?;
-                    tracing::info!(operation = %op, session, "lease handed out");
-                    return Ok(Some(self.pending_lease(&o).await));
+                let result = sched.propose(cmd).await?;
+                if self.claim_won(Some(result), &op, session) {
+                    return Ok(Some(self.handed_out(&op, session).await?));
                 }
             }
             let wake = if left_to_others { deadline.min(tokio::time::Instant::now() + CLAIM_RECHECK) } else { deadline };

@@ -21,6 +21,8 @@ use super::blocking;
 pub const MAX_GET_BLOBS_BYTES: u64 = 16 << 20;
 /// Chunks of a pushed blob in flight between the network and the writing thread.
 const PUSH_PIPE_CHUNKS: usize = 4;
+/// Commands a forwarded batch may hold.
+const MAX_FORWARDED_BATCH: usize = 16;
 use crate::cas::{check_content, UploadState};
 use crate::digest::{BlobDigest, DigestFunction};
 use crate::error::{KilnError, Result};
@@ -157,12 +159,21 @@ impl Peer for PeerService {
         let req = request.into_inner();
         check_version(req.version)?;
         let cmd = kiln_raft::consensus::decode_forwarded_command(&req.command).map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
-        if matches!(cmd, kiln_raft::command::Command::Batch(_)) {
-            return Err(Status::invalid_argument("command: a batch is formed by the leader, not forwarded to it"));
+        // Commands a node proposes together (a result and the next claim) come as a batch:
+        // flat and short.
+        if let kiln_raft::command::Command::Batch(cmds) = &cmd {
+            if cmds.len() > MAX_FORWARDED_BATCH || cmds.iter().any(|c| matches!(c, kiln_raft::command::Command::Batch(_))) {
+                return Err(Status::invalid_argument(format!(
+                    "command: a forwarded batch holds at most {MAX_FORWARDED_BATCH} commands, none of them a batch"
+                )));
+            }
         }
         // One hop only: the leader proposes locally; a node that lost leadership meanwhile
         // says so and the origin retries.
-        let (r, log_index) = self.state.scheduler.consensus.propose_indexed(cmd).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let (r, log_index) = self.state.scheduler.consensus.propose_indexed(cmd).await.map_err(|e| match e {
+            kiln_raft::ProposeError::Refused(why) => Status::failed_precondition(why),
+            e => Status::unavailable(e.to_string()),
+        })?;
         Ok(Response::new(ProposeResponse { result: kiln_raft::consensus::encode_forwarded(&r), log_index }))
     }
 
