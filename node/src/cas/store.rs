@@ -134,7 +134,7 @@ struct Inner {
     /// check whose blob is here, touched within the touch granularity, needs no index read.
     /// Such a blob is inside its protect window, so eviction cannot take it meanwhile; the
     /// paths that drop a blob otherwise (corruption, a copy moved to its owners) remove it.
-    presence: Mutex<PresenceCache>,
+    presence: parking_lot::RwLock<PresenceCache>,
     /// Keys certainly not indexed (trusted only while the index is complete).
     absent: AbsentFilter,
     total_bytes: AtomicU64,
@@ -234,7 +234,7 @@ impl BlobStore {
             fsync: cfg.storage.fsync,
             syncer,
             absent,
-            presence: Mutex::new(PresenceCache::new(cfg.storage.presence_cache_entries)),
+            presence: parking_lot::RwLock::new(PresenceCache::new(cfg.storage.presence_cache_entries)),
             memory: Mutex::new(MemoryTier::new(cfg.storage.memory_tier_bytes, cfg.storage.memory_tier_max_blob_bytes)),
             packs,
             total_bytes: AtomicU64::new(total),
@@ -415,7 +415,7 @@ impl BlobStore {
             return Ok(true);
         }
         let now = now_ms();
-        if self.0.presence.lock().get(&d.key()).is_some_and(|c| self.cached_present(&c, d, now)) {
+        if self.0.presence.write().get(&d.key()).is_some_and(|c| self.cached_present(&c, d, now)) {
             return Ok(true);
         }
         self.contains_uncached(d, now)
@@ -438,7 +438,7 @@ impl BlobStore {
                 let present = self.touch(&key, &raw, &e)?;
                 if present {
                     let recorded = if self.cached_present(&(e.size, e.atime), d, now) { e.atime } else { now };
-                    self.0.presence.lock().put(key, (e.size, recorded));
+                    self.0.presence.write().put(key, (e.size, recorded));
                 }
                 Ok(present)
             }
@@ -455,7 +455,8 @@ impl BlobStore {
             // cheaper so); the rest through the index.
             let now = now_ms();
             let cached: Vec<bool> = {
-                let cache = self.0.presence.lock();
+                // Shared: the threads of one large request check their parts at once.
+                let cache = self.0.presence.read();
                 part.iter()
                     .map(|d| {
                         d.is_empty_blob() || cache.peek(&d.key()).is_some_and(|c| self.cached_present(&c, d, now))
@@ -608,7 +609,7 @@ impl BlobStore {
         let key = d.key();
         let _g = self.stripe(&key);
         self.0.memory.lock().remove(&key);
-        self.0.presence.lock().pop(&key);
+        self.0.presence.write().pop(&key);
         match self.0.index.remove(key)?.map(|raw| IndexEntry::decode(&raw)) {
             Some(Ok(e)) => {
                 self.0.lru.remove(lru_key(e.atime, &key))?;
@@ -759,7 +760,7 @@ impl BlobStore {
             None => self.add_total(d.size as i64),
         }
         self.0.lru.insert(lru_key(now, &key), &[])?;
-        self.0.presence.lock().put(key, (d.size, now));
+        self.0.presence.write().put(key, (d.size, now));
         Ok(old)
     }
 
@@ -905,7 +906,7 @@ impl BlobStore {
             }
             self.0.lru.remove(&k)?;
             self.0.memory.lock().remove(&key);
-            self.0.presence.lock().pop(&key);
+            self.0.presence.write().pop(&key);
             let Some(function) = DigestFunction::from_key_byte(key[0]) else { continue };
             let mut hash = [0u8; HASH_LEN];
             hash.copy_from_slice(&key[1..]);
