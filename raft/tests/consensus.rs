@@ -198,3 +198,20 @@ async fn commands_proposed_together_apply_in_order_in_one_entry_among_other_prop
         assert_eq!(t.await.unwrap(), want, "results of op-{i}");
     }
 }
+
+#[tokio::test]
+async fn commands_proposed_together_go_one_by_one_while_a_member_cannot_read_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path(), 5000).await;
+    let applied = |c: &Consensus| c.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
+    // A member that never answered has not said which command format it reads: it may be of
+    // the release before batches.
+    c.raft.add_learner(2, openraft::BasicNode { addr: "127.0.0.1:9".into() }, false).await.unwrap();
+    let before = applied(&c);
+    let results = c.propose_together_anywhere(vec![enqueue(1), enqueue(1)]).await.unwrap();
+    assert_eq!(
+        results,
+        vec![CommandResult::Enqueued { name: "op-1".into(), joined: false }, CommandResult::Enqueued { name: "op-1".into(), joined: true }]
+    );
+    assert_eq!(applied(&c) - before, 2, "one entry per command");
+}
