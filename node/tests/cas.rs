@@ -26,6 +26,15 @@ async fn capabilities_advertise_digests_batch_limit_compression_and_ac_updates()
     assert_eq!(caps.high_api_version.unwrap().major, 2);
 }
 
+async fn find_missing(n: &TestNode, query: Vec<kiln_proto::reapi::Digest>) -> Vec<kiln_proto::reapi::Digest> {
+    n.cas()
+        .find_missing_blobs(FindMissingBlobsRequest { instance_name: String::new(), blob_digests: query, digest_function: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests
+}
+
 #[tokio::test]
 async fn batch_upload_then_find_missing_and_batch_read() {
     let n = TestNode::start().await;
@@ -37,13 +46,7 @@ async fn batch_upload_then_find_missing_and_batch_read() {
     let mut query = digests.clone();
     query.push(absent.clone());
     query.push(sha256(b"")); // the empty blob is always present
-    let missing = n
-        .cas()
-        .find_missing_blobs(FindMissingBlobsRequest { instance_name: String::new(), blob_digests: query, digest_function: 0 })
-        .await
-        .unwrap()
-        .into_inner()
-        .missing_blob_digests;
+    let missing = find_missing(&n, query).await;
     assert_eq!(missing, vec![absent.clone()]);
 
     // A large request (checked over several threads) mixing present, absent and repeated
@@ -61,13 +64,7 @@ async fn batch_upload_then_find_missing_and_batch_read() {
         }
         query.push(d);
     }
-    let missing = n
-        .cas()
-        .find_missing_blobs(FindMissingBlobsRequest { instance_name: String::new(), blob_digests: query, digest_function: 0 })
-        .await
-        .unwrap()
-        .into_inner()
-        .missing_blob_digests;
+    let missing = find_missing(&n, query).await;
     assert_eq!(missing.len(), expected.len());
     assert!(missing == expected, "missing digests out of request order");
 
