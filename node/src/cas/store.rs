@@ -479,8 +479,11 @@ impl BlobStore {
         }
         let chunk = ds.len().div_ceil(threads);
         std::thread::scope(|scope| {
-            let handles: Vec<_> = ds.chunks(chunk).map(|part| scope.spawn(move || check(part))).collect();
-            let mut missing = Vec::new();
+            // The first part on this thread, the others on threads of their own.
+            let mut parts = ds.chunks(chunk);
+            let first = parts.next().unwrap_or_default();
+            let handles: Vec<_> = parts.map(|part| scope.spawn(move || check(part))).collect();
+            let mut missing = check(first)?;
             for h in handles {
                 missing.extend(h.join().map_err(|_| KilnError::Internal("presence check thread panicked".into()))??);
             }
