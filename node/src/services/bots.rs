@@ -217,7 +217,7 @@ impl BotsService {
                 let mut results = self.state.scheduler.propose_together(vec![cmd, assign]).await?.into_iter();
                 let done = results.next().unwrap_or(CommandResult::None);
                 let won = self.claim_won(results.next(), &claim.op, session);
-                (done, won.then(|| claim.op.clone()))
+                (done, won.then_some((*session, claim.op.as_str())))
             }
         };
         // Logged once: by the node whose Complete took effect.
@@ -226,7 +226,7 @@ impl BotsService {
             logger.log(&op.action.instance_name, digest, resp);
         }
         match claimed {
-            Some(name) => Ok(Some(self.handed_out(&name, next.map(|(s, _)| s).unwrap_or_default()).await?)),
+            Some((session, op)) => Ok(Some(self.handed_out(op, session).await?)),
             None => Ok(None),
         }
     }
