@@ -477,18 +477,10 @@ impl Suite {
                     read_offset: 0,
                     read_limit: 0,
                 };
-                let mut s = clients
-                    .read_chunks(req)
+                let n = clients
+                    .read_counted(&req)
                     .await
                     .with_context(|| format!("Read of {}", d.hash))?;
-                let mut n = 0u64;
-                while let Some(m) = s
-                    .message()
-                    .await
-                    .with_context(|| format!("Read of {}", d.hash))?
-                {
-                    n += m.data.len() as u64;
-                }
                 ensure!(
                     n == d.size_bytes as u64,
                     "Read of {} returned {n} bytes",
