@@ -1,7 +1,8 @@
 //! Streaming reads: a blocking thread reads fixed-size chunks (zstd-compressing them for
 //! `compressed-blobs` reads) into a bounded channel, so a large blob never sits in memory.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::fs::File;
+use std::io::Read;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -66,10 +67,7 @@ pub async fn stream_blob(
                     }
                     Ok(())
                 }
-                OpenBlob::File(mut f, _) => match f.seek(SeekFrom::Start(offset)) {
-                    Ok(_) => pump(f, &d, 0, limit, false, &tx),
-                    Err(e) => Err(KilnError::io(format!("seeking in blob {d}"), e)),
-                },
+                OpenBlob::File(f, size) => pump_mapped(&f, size, &d, offset, limit, &tx),
             }
         };
         if let Err(e) = result {
@@ -77,6 +75,42 @@ pub async fn stream_blob(
         }
     });
     Ok(Some(rx))
+}
+
+/// Sends bytes `[offset, offset + limit)` of the blob file `f` (`size` bytes) as chunks mapped
+/// from the page cache: the bytes go from there to the socket, not through a buffer of ours
+/// first (that copy was a sixth of a large read's time).
+///
+/// Each chunk is mapped, populated with `MADV_POPULATE_READ` (which, unlike `MAP_POPULATE`,
+/// reports a failed disk read as an error instead of leaving it to a later access) and
+/// unmapped when the network is done with it.
+#[allow(unsafe_code)]
+fn pump_mapped(f: &File, size: u64, d: &BlobDigest, offset: u64, limit: u64, tx: &mpsc::Sender<Result<Bytes>>) -> Result<()> {
+    let end = if limit == 0 { size } else { offset.saturating_add(limit).min(size) };
+    let on_disk = f.metadata().map_err(|e| KilnError::io(format!("reading blob {d}"), e))?.len();
+    if on_disk < end {
+        return Err(KilnError::Internal(format!("blob file of {d} holds {on_disk} bytes, {end} expected")));
+    }
+    let mut pos = offset;
+    while pos < end {
+        let n = (READ_CHUNK_BYTES as u64).min(end - pos) as usize;
+        // SAFETY: a blob file is written whole under a temporary name, renamed into place and
+        // from then on only read or unlinked (an unlinked file stays mapped), never truncated
+        // or rewritten; its length was checked above. So the mapping stays valid and unchanged.
+        let map = unsafe { memmap2::MmapOptions::new().offset(pos).len(n).map(f) }
+            .map_err(|e| KilnError::io(format!("mapping blob {d}"), e))?;
+        match map.advise(memmap2::Advice::PopulateRead) {
+            Ok(()) => {}
+            // Kernels before 5.14: the pages come in as the socket write touches them.
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINVAL as i32) => {}
+            Err(e) => return Err(KilnError::io(format!("reading blob {d}"), e)),
+        }
+        if tx.blocking_send(Ok(Bytes::from_owner(map))).is_err() {
+            return Ok(()); // the client went away
+        }
+        pos += n as u64;
+    }
+    Ok(())
 }
 
 /// Copies `reader` into the channel in chunks, skipping `skip` bytes first and stopping after
