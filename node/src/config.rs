@@ -291,9 +291,10 @@ pub struct StorageConfig {
     /// Memory sled may use for its page cache, in bytes. Default 64 MiB.
     #[serde(default = "default_index_cache_bytes")]
     pub index_cache_bytes: u64,
-    /// Blobs whose presence is remembered in memory (32 bytes each in two hash tables; the
-    /// default, 1,835,008, fills their 2^20 buckets each to 7/8: 66 MiB once full). A presence
-    /// check of a remembered blob needs no index read. Default 1835008.
+    /// Blobs whose presence is remembered in memory (40 bytes each in two hash tables; the
+    /// default, 1,835,008, fills their 2^20 buckets each to 7/8: 82 MiB once full). A presence
+    /// check of a remembered blob, or a read of a remembered small one, needs no index read.
+    /// Default 1835008.
     #[serde(default = "default_presence_cache_entries")]
     pub presence_cache_entries: usize,
     /// Unfinished ByteStream uploads kept for resumption at most. Default 1024.

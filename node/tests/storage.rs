@@ -287,3 +287,56 @@ fn evicted_small_blobs_free_their_packs() {
         assert_eq!(&store.read_all(d).unwrap().unwrap()[..], &b[..], "after a restart");
     }
 }
+
+/// A packed blob read once is read again straight from its record, without the index (the
+/// presence cache remembers where the record is). Such reads stay right when compaction moves
+/// the records and deletes their packs, and a dropped blob is not served.
+#[test]
+fn packed_blobs_read_right_after_their_records_move_or_are_dropped() {
+    use kiln_node::cas::BlobStore;
+    use kiln_node::digest::DigestFunction;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.storage.memory_tier_bytes = 0; // every read goes to the packs
+    cfg.storage.pack_file_bytes = 64 << 10;
+    let blobs: Vec<Vec<u8>> = (0..300).map(|i| pseudo_random(4096, 5000 + i as u64)).collect();
+    let digests: Vec<_> = blobs.iter().map(|b| DigestFunction::Sha256.digest_of(b)).collect();
+    let store = BlobStore::open(&cfg, &open_index(dir.path())).unwrap();
+    wait_for_scan(&store);
+    for (bs, ds) in blobs.chunks(10).zip(digests.chunks(10)) {
+        let batch = ds.iter().zip(bs).map(|(d, b)| (*d, b.clone().into())).collect();
+        assert!(store.put_checked_many(batch).iter().all(|r| r.is_ok()));
+    }
+    let read_back = |what: &str| {
+        for (i, (d, b)) in digests.iter().zip(&blobs).enumerate() {
+            let dropped = i % 3 != 0;
+            match store.read_all(d).unwrap() {
+                Some(got) => {
+                    assert!(!dropped || what == "before", "dropped blob {i} served {what}");
+                    assert_eq!(&got[..], &b[..], "blob {i} {what}");
+                }
+                None => assert!(dropped && what != "before", "blob {i} missing {what}"),
+            }
+        }
+    };
+    read_back("before");
+    read_back("before");
+    let packs_before = pack_files(dir.path());
+    assert!(packs_before.len() >= 10, "{} packs", packs_before.len());
+    for d in digests.iter().enumerate().filter(|(i, _)| i % 3 != 0).map(|(_, d)| d) {
+        store.drop_copy(d).unwrap();
+    }
+    read_back("after the drops");
+    // Every closed pack is now a third live: compaction (explicit, or the background pass the
+    // drops asked for) moves the survivors and deletes the packs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pack_files(dir.path()).iter().filter(|p| packs_before.contains(p)).count() > 1 {
+        store.compact_packs().unwrap();
+        assert!(std::time::Instant::now() < deadline, "packs were not compacted");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    read_back("after compaction");
+    read_back("after compaction, again");
+    let missing = store.find_missing(&digests).unwrap();
+    assert_eq!(missing.len(), 200);
+}

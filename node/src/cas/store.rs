@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::absent::AbsentFilter;
 use super::memory::MemoryTier;
-use super::presence::PresenceCache;
+use super::presence::{PresenceCache, Seen};
 use super::pack::{Loc, Packs, PACK_MAX_BLOB};
 use super::upload::UploadState;
 use crate::config::{Config, FsyncPolicy};
@@ -130,8 +130,9 @@ struct Inner {
     memory: Mutex<MemoryTier>,
     /// Small blobs, appended to shared files.
     packs: Packs,
-    /// Blobs recently found or stored, with their size and recorded access time: a presence
-    /// check whose blob is here, touched within the touch granularity, needs no index read.
+    /// Blobs recently found or stored, with their size, recorded access time and (packed ones
+    /// checked by this process) pack record: a presence check or a small read whose blob is
+    /// here, touched within the touch granularity, needs no index read.
     /// Such a blob is inside its protect window, so eviction cannot take it meanwhile; the
     /// paths that drop a blob otherwise (corruption, a copy moved to its owners) remove it.
     presence: parking_lot::RwLock<PresenceCache>,
@@ -421,10 +422,10 @@ impl BlobStore {
         self.contains_uncached(d, now)
     }
 
-    /// Whether a presence cache entry `(size, recorded atime)` vouches for `d` at `now`: same
+    /// Whether a presence cache entry vouches for `d` at `now`: same
     /// size, touched within the touch granularity (so inside the protect window).
-    fn cached_present(&self, &(size, atime): &(u64, u64), d: &BlobDigest, now: u64) -> bool {
-        size == d.size && now >= atime && now - atime <= self.0.touch_granularity_ms
+    fn cached_present(&self, seen: &Seen, d: &BlobDigest, now: u64) -> bool {
+        seen.size == d.size && now >= seen.atime && now - seen.atime <= self.0.touch_granularity_ms
     }
 
     /// [`Self::contains`] past the presence cache: the absent filter, then the index.
@@ -437,13 +438,20 @@ impl BlobStore {
             Some((e, raw)) => {
                 let present = self.touch(&key, &raw, &e)?;
                 if present {
-                    let recorded = if self.cached_present(&(e.size, e.atime), d, now) { e.atime } else { now };
-                    self.0.presence.write().put(key, (e.size, recorded));
+                    self.remember(d, &e, now);
                 }
                 Ok(present)
             }
             None => Ok(false),
         }
+    }
+
+    /// Puts `d`, just found in the index as `e` and touched at `now`, in the presence cache,
+    /// with its pack record if this process has checked its bytes.
+    fn remember(&self, d: &BlobDigest, e: &IndexEntry, now: u64) {
+        let recorded = if self.cached_present(&Seen::new(e.size, e.atime), d, now) { e.atime } else { now };
+        let loc = if e.verified_boot == self.0.boot { e.loc } else { None };
+        self.0.presence.write().put(d.key(), Seen::new(e.size, recorded).at(loc));
     }
 
     /// The digests of `ds` that are not stored, in request order. Present ones are touched.
@@ -498,6 +506,10 @@ impl BlobStore {
             return Ok(Some(OpenBlob::Memory(Bytes::new())));
         }
         let key = d.key();
+        let now = now_ms();
+        // A presence entry touched within the touch granularity stands for the index entry
+        // (as in `contains`): the blob is there and needs no touch.
+        let seen = self.0.presence.read().peek(&key).filter(|s| self.cached_present(s, d, now));
         // Bind the lookup first: a guard held across the body would deadlock the `remove`.
         let cached = self.0.memory.lock().get(&key);
         if let Some(b) = cached {
@@ -506,12 +518,26 @@ impl BlobStore {
                 return Ok(None);
             }
             metrics::counter!(m::CAS_MEMORY_HITS).increment(1);
+            if seen.is_some() {
+                return Ok(Some(OpenBlob::Memory(b)));
+            }
             if let Some((e, raw)) = self.lookup(d)? {
-                self.touch(&key, &raw, &e)?;
+                if self.touch(&key, &raw, &e)? {
+                    self.remember(d, &e, now);
+                }
                 return Ok(Some(OpenBlob::Memory(b)));
             }
             self.0.memory.lock().remove(&key);
             return Ok(None);
+        }
+        // A packed blob this process has checked: its record, whose header names the blob, is
+        // read without the index. A record moved by compaction or gone with its pack reads as
+        // `None`, and the index says where it is now.
+        if let Some(loc) = seen.and_then(|s| s.loc()) {
+            if let Some(bytes) = self.0.packs.read(loc, &key, d.size)? {
+                self.0.memory.lock().insert(key, bytes.clone());
+                return Ok(Some(OpenBlob::Memory(bytes)));
+            }
         }
         let Some((e, raw)) = self.lookup(d)? else { return Ok(None) };
         if let Some(loc) = e.loc {
@@ -539,7 +565,9 @@ impl BlobStore {
             let _ = self.0.index.compare_and_swap(key, Some(&raw), Some(verified.encode()))?;
             file = File::open(&path).map_err(|err| KilnError::io(format!("opening blob {d}"), err))?;
         }
-        self.touch(&key, &raw, &e)?;
+        if self.touch(&key, &raw, &e)? {
+            self.remember(d, &IndexEntry { verified_boot: self.0.boot, ..e }, now);
+        }
         Ok(Some(OpenBlob::File(file, d.size)))
     }
 
@@ -576,7 +604,10 @@ impl BlobStore {
             let verified = IndexEntry { verified_boot: self.0.boot, ..e };
             let _ = self.0.index.compare_and_swap(key, Some(&raw), Some(verified.encode()))?;
         }
-        self.touch(&key, &raw, &e)?;
+        if self.touch(&key, &raw, &e)? {
+            // Checked above if this process had not yet: the next read goes straight to it.
+            self.remember(d, &IndexEntry { verified_boot: self.0.boot, ..e }, now_ms());
+        }
         self.0.memory.lock().insert(key, bytes.clone());
         Ok(Some(OpenBlob::Memory(bytes)))
     }
@@ -763,7 +794,7 @@ impl BlobStore {
             None => self.add_total(d.size as i64),
         }
         self.0.lru.insert(lru_key(now, &key), &[])?;
-        self.0.presence.write().put(key, (d.size, now));
+        self.0.presence.write().put(key, Seen::new(d.size, now).at(loc));
         Ok(old)
     }
 
