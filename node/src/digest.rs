@@ -142,6 +142,12 @@ impl BlobDigest {
     }
 
     pub fn parse(function: DigestFunction, hash_hex: &str, size: i64) -> Result<Self, DigestError> {
+        Self::parse_ascii(function, hash_hex.as_bytes(), size)
+    }
+
+    /// [`Self::parse`] of a hash as the bytes it arrived in (a protobuf string field read in
+    /// place): anything but lower-case hex is refused, so no UTF-8 check is needed first.
+    pub fn parse_ascii(function: DigestFunction, hash_hex: &[u8], size: i64) -> Result<Self, DigestError> {
         // One pass, lowercase only (REAPI hashes are lowercase hex). This runs once per digest
         // of every FindMissingBlobs, so it avoids the general-purpose decoder and branches: a
         // table maps each byte to its nibble, or to 0xff, whose high bits flag the whole hash.
@@ -159,9 +165,10 @@ impl BlobDigest {
             }
             t
         };
-        let bytes = hash_hex.as_bytes();
+        let bytes = hash_hex;
+        let shown = || String::from_utf8_lossy(hash_hex).into_owned();
         if bytes.len() != HASH_LEN * 2 {
-            return Err(DigestError::BadHash(hash_hex.to_string(), HASH_LEN * 2));
+            return Err(DigestError::BadHash(shown(), HASH_LEN * 2));
         }
         let mut hash = [0u8; HASH_LEN];
         let mut flags = 0u8;
@@ -171,10 +178,10 @@ impl BlobDigest {
             *out = hi << 4 | (lo & 0x0f);
         }
         if flags & 0xf0 != 0 {
-            return Err(DigestError::BadHash(hash_hex.to_string(), HASH_LEN * 2));
+            return Err(DigestError::BadHash(shown(), HASH_LEN * 2));
         }
         if size < 0 {
-            return Err(DigestError::NegativeSize(hash_hex.to_string(), size));
+            return Err(DigestError::NegativeSize(shown(), size));
         }
         Ok(Self { function, hash, size: size as u64 })
     }

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use kiln_proto::reapi::action_cache_server::ActionCacheServer;
 use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
-use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
@@ -14,6 +13,7 @@ use crate::ac::ActionCacheStore;
 use crate::cas::BlobStore;
 use crate::config::Config;
 use crate::services::bytestream_read::ByteStreamRouter;
+use crate::services::find_missing::CasRouter;
 use crate::services::{action_cache::ActionCacheService, bytestream::ByteStreamService};
 use crate::services::{capabilities::CapabilitiesService, cas::CasService};
 use crate::services::{bots::BotsService, execution::ExecutionService, operations::OperationsService};
@@ -207,11 +207,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
                 .max_decoding_message_size(max_msg)
                 .max_encoding_message_size(max_msg),
         )
-        .add_service(
-            ContentAddressableStorageServer::new(CasService::new(state.clone()))
-                .max_decoding_message_size(max_msg)
-                .max_encoding_message_size(max_msg),
-        )
+        .add_service(CasRouter::new(CasService::new(state.clone()), max_msg))
         .add_service(
             ByteStreamRouter::new(ByteStreamService::new(state.clone()), |s| {
                 s.max_decoding_message_size(max_msg).max_encoding_message_size(max_msg)

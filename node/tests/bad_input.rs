@@ -251,3 +251,56 @@ async fn a_stored_hash_asked_with_another_size_is_not_found_and_breaks_nothing()
     assert_eq!(bs_read(&n, &blob_resource("", &d), 0, 0).await.unwrap(), data);
     assert!(is_missing(&n, &wrong).await);
 }
+
+/// FindMissingBlobs is decoded in place (not by the generated server): a request that does not
+/// decode, or names a bad digest, is INVALID_ARGUMENT naming the digest, and the node goes on.
+#[tokio::test]
+async fn find_missing_with_undecodable_or_bad_digests_names_them() {
+    /// FindMissingBlobsRequest's wire format, with each digest as raw bytes.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct LooseRequest {
+        #[prost(string, tag = "1")]
+        instance_name: String,
+        #[prost(bytes = "vec", repeated, tag = "2")]
+        digests: Vec<Vec<u8>>,
+    }
+    let n = TestNode::start().await;
+    let good = sha256(b"present");
+    bs_write(&n, &upload_resource("", "fm", &good), b"present").await.unwrap();
+    let call = |req: LooseRequest| {
+        let mut grpc = tonic::client::Grpc::new(n.channel.clone());
+        async move {
+            grpc.ready().await.unwrap();
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",
+            );
+            let codec = tonic_prost::ProstCodec::<LooseRequest, kiln_proto::reapi::FindMissingBlobsResponse>::default();
+            grpc.unary(tonic::Request::new(req), path, codec).await.map(|r| r.into_inner())
+        }
+    };
+    let encoded = |d: &Digest| prost::Message::encode_to_vec(d);
+    let absent = sha256(b"absent");
+    // Well formed: the answer is the absent digest, as sent.
+    let r = call(LooseRequest { instance_name: String::new(), digests: vec![encoded(&good), encoded(&absent)] }).await.unwrap();
+    assert_eq!(r.missing_blob_digests, vec![absent.clone()]);
+    // A digest message cut short (its hash claims 64 bytes, none follow).
+    let e = call(LooseRequest { instance_name: String::new(), digests: vec![encoded(&good), vec![0x0a, 64]] }).await.unwrap_err();
+    assert_status(&e, Code::InvalidArgument, "blob_digests[1]");
+    // A hash that is not text at all, and one of the wrong length.
+    let mut binary = vec![0x0a, 64];
+    binary.extend_from_slice(&[0xff; 64]);
+    let e = call(LooseRequest { instance_name: String::new(), digests: vec![binary] }).await.unwrap_err();
+    assert_status(&e, Code::InvalidArgument, "blob_digests[0]");
+    let short = Digest { hash: "abc".into(), size_bytes: 3 };
+    let e = call(LooseRequest { instance_name: String::new(), digests: vec![encoded(&good), encoded(&good), encoded(&short)] }).await.unwrap_err();
+    assert_status(&e, Code::InvalidArgument, "blob_digests[2]");
+    let negative = Digest { hash: good.hash.clone(), size_bytes: -1 };
+    let e = call(LooseRequest { instance_name: String::new(), digests: vec![encoded(&negative)] }).await.unwrap_err();
+    assert_status(&e, Code::InvalidArgument, "negative");
+    // A reserved instance name.
+    let e = call(LooseRequest { instance_name: "a/blobs".into(), digests: vec![encoded(&good)] }).await.unwrap_err();
+    assert_status(&e, Code::InvalidArgument, "reserved");
+    // The node still answers.
+    assert!(!is_missing(&n, &good).await);
+    assert!(is_missing(&n, &absent).await);
+}

@@ -85,7 +85,7 @@ impl Service<http::Request<Body>> for ByteStreamRouter {
 }
 
 /// A gRPC request whose messages are not compressed.
-fn plain_grpc(headers: &http::HeaderMap) -> bool {
+pub(super) fn plain_grpc(headers: &http::HeaderMap) -> bool {
     let content_type = headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let grpc = content_type == "application/grpc" || content_type == "application/grpc+proto";
     let encoding = headers.get("grpc-encoding").and_then(|v| v.to_str().ok()).unwrap_or("identity");

@@ -45,11 +45,16 @@ fn parse_all(f: DigestFunction, ds: &[kiln_proto::reapi::Digest], field: &str) -
 }
 
 impl CasService {
+    /// The digests of `digests` no owner holds, in request order.
+    pub(super) async fn missing(&self, digests: Vec<BlobDigest>) -> Result<Vec<BlobDigest>> {
+        self.state.storage.find_missing(digests).await
+    }
+
     async fn find_missing(&self, req: FindMissingBlobsRequest) -> Result<FindMissingBlobsResponse> {
         check_instance_name(&req.instance_name)?;
         let f = DigestFunction::from_request(req.digest_function)?;
         let digests = parse_all(f, &req.blob_digests, "blob_digests")?;
-        let missing = self.state.storage.find_missing(digests.clone()).await?;
+        let missing = self.missing(digests.clone()).await?;
         // The missing ones come back in request order: answer with the request's own messages
         // (they parsed, so they are canonical) rather than hex-encode each hash again.
         let mut next = missing.iter().peekable();
