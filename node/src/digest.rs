@@ -221,6 +221,13 @@ pub enum Hasher {
 }
 
 impl Hasher {
+    pub fn function(&self) -> DigestFunction {
+        match self {
+            Hasher::Sha256(_) => DigestFunction::Sha256,
+            Hasher::Blake3(_) => DigestFunction::Blake3,
+        }
+    }
+
     pub fn update(&mut self, data: &[u8]) {
         use sha2::Digest as _;
         match self {

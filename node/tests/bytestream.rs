@@ -146,3 +146,35 @@ async fn a_large_upload_is_checked_and_resumes_with_its_hash_state() {
     assert_eq!(n.bs().write(futures::stream::iter(reqs)).await.unwrap().into_inner().committed_size, data.len() as i64);
     assert_eq!(bs_read(&n, &blob_resource("", &d), 0, 0).await.unwrap(), data);
 }
+
+/// Large uploads are hashed on a thread beside the file writes. Such an upload interrupted
+/// midway is parked (its hashing thread ended) and resumes to the right digest, and one whose
+/// bytes do not match its digest is refused.
+#[tokio::test]
+async fn large_uploads_resume_across_calls_and_are_checked() {
+    let n = TestNode::start().await;
+    let data = pseudo_random(24 << 20, 11);
+    let d = sha256(&data);
+    let res = upload_resource("", "large-resume", &d);
+    let first = 10 << 20;
+    let reqs = write_requests(&res, &data[..first], 0, 1 << 20, false);
+    let committed = n.bs().write(futures::stream::iter(reqs)).await.unwrap().into_inner().committed_size;
+    assert_eq!(committed, first as i64);
+    let reqs = write_requests(&res, &data, first - 4096, 1 << 20, true);
+    let committed = n.bs().write(futures::stream::iter(reqs)).await.unwrap().into_inner().committed_size;
+    assert_eq!(committed, data.len() as i64);
+    assert_eq!(bs_read(&n, &blob_resource("", &d), 0, 0).await.unwrap(), data);
+
+    let original = pseudo_random(24 << 20, 12);
+    let claimed = sha256(&original);
+    let mut sent = original;
+    sent[5] ^= 1;
+    let err = bs_write(&n, &upload_resource("", "large-wrong", &claimed), &sent).await;
+    let e = match err {
+        Err(e) => e,
+        Ok(c) => panic!("a mismatching large upload was accepted ({c} bytes)"),
+    };
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("hash mismatch"), "{e:?}");
+    assert!(bs_read(&n, &blob_resource("", &claimed), 0, 0).await.is_err(), "a mismatching blob is not stored");
+}

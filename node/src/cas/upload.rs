@@ -5,9 +5,16 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 
+use bytes::Bytes;
+
 use super::store::BlobStore;
 use crate::digest::{BlobDigest, Hasher};
 use crate::error::{KilnError, Result};
+
+/// Plain uploads with at least this many bytes still to come hash on a thread of their own.
+const HASH_THREAD_ABOVE: u64 = 8 << 20;
+/// Chunks queued for the hashing thread at most: bounds the memory an upload holds.
+const HASH_THREAD_QUEUE: usize = 4;
 
 /// The file being written, hashing as it goes and refusing bytes beyond the digest's size
 /// (which also bounds what a zstd stream may expand to).
@@ -16,6 +23,71 @@ struct HashingFile {
     hasher: Hasher,
     written: u64,
     limit: u64,
+    /// For a large plain upload: the thread hashing its chunks, which then holds the hasher.
+    hashing: Option<HashThread>,
+}
+
+/// A thread hashing a large upload's chunks while the writer copies them into the file: the
+/// two take about as long each, so the upload's critical path is the longer of them instead of
+/// their sum.
+struct HashThread {
+    chunks: std::sync::mpsc::SyncSender<Bytes>,
+    done: std::thread::JoinHandle<Hasher>,
+}
+
+impl HashingFile {
+    /// Appends a chunk the caller owns: hashed on the hashing thread if the upload is large
+    /// (started here on first need), else in place.
+    fn write_shared(&mut self, data: Bytes) -> std::io::Result<()> {
+        if self.written + data.len() as u64 > self.limit {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, SizeExceeded));
+        }
+        if self.hashing.is_none() && self.limit - self.written >= HASH_THREAD_ABOVE {
+            self.hashing = self.start_hash_thread();
+        }
+        match &self.hashing {
+            Some(t) => {
+                t.chunks.send(data.clone()).map_err(|_| std::io::Error::other("the hashing thread stopped"))?;
+                self.file.write_all(&data)?;
+            }
+            None => {
+                self.file.write_all(&data)?;
+                self.hasher.update(&data);
+            }
+        }
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    /// Moves the hasher to a new thread; `None` (hash in place) if no thread can be started.
+    fn start_hash_thread(&mut self) -> Option<HashThread> {
+        let (chunks, rx) = std::sync::mpsc::sync_channel::<Bytes>(HASH_THREAD_QUEUE);
+        let placeholder = self.hasher.function().hasher();
+        let mut hasher = std::mem::replace(&mut self.hasher, placeholder);
+        let spawned = std::thread::Builder::new().name("kiln-hash".into()).spawn(move || {
+            for chunk in rx {
+                hasher.update(&chunk);
+            }
+            hasher
+        });
+        match spawned {
+            Ok(done) => Some(HashThread { chunks, done }),
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread for hashing an upload: hashing in place");
+                None
+            }
+        }
+    }
+
+    /// Takes the hasher back from the hashing thread, if there is one, once it has hashed
+    /// every chunk sent.
+    fn settle(&mut self) -> Result<()> {
+        if let Some(t) = self.hashing.take() {
+            drop(t.chunks);
+            self.hasher = t.done.join().map_err(|_| KilnError::Internal("upload hashing thread panicked".into()))?;
+        }
+        Ok(())
+    }
 }
 
 impl Write for HashingFile {
@@ -75,7 +147,7 @@ impl UploadState {
     pub fn start(store: &BlobStore, digest: BlobDigest, compressed: bool) -> Result<Self> {
         let tmp = store.tmp_path();
         let file = File::create(&tmp).map_err(|e| KilnError::io(format!("creating {}", tmp.display()), e))?;
-        let hf = HashingFile { file, hasher: digest.function.hasher(), written: 0, limit: digest.size };
+        let hf = HashingFile { file, hasher: digest.function.hasher(), written: 0, limit: digest.size, hashing: None };
         let sink = if compressed {
             let dec = zstd::stream::write::Decoder::new(hf).map_err(|e| KilnError::io("starting zstd decoder", e))?;
             Sink::Zstd(Box::new(dec))
@@ -99,6 +171,7 @@ impl UploadState {
     /// Appends `data` (compressed bytes for a compressed upload).
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
         let r = match self.sink.as_mut().expect("sink present until finish") {
+            Sink::Plain(f) if f.hashing.is_some() => f.write_shared(Bytes::copy_from_slice(data)),
             Sink::Plain(f) => f.write_all(data),
             Sink::Zstd(d) => d.write_all(data),
         };
@@ -107,8 +180,30 @@ impl UploadState {
         Ok(())
     }
 
+    /// Appends `data` of a plain upload, or of a compressed one through [`Self::write`]. A large
+    /// plain upload is hashed on a thread of its own meanwhile; [`Self::settle`] ends that.
+    pub fn write_owned(&mut self, data: Bytes) -> Result<()> {
+        let r = match self.sink.as_mut().expect("sink present until finish") {
+            Sink::Plain(f) => f.write_shared(data.clone()),
+            Sink::Zstd(_) => return self.write(&data),
+        };
+        r.map_err(|e| self.map_write_err(e))?;
+        self.received += data.len() as u64;
+        Ok(())
+    }
+
+    /// Ends the hashing thread of [`Self::write_owned`], if any: for an upload parked between
+    /// two Write calls, which must not hold a thread.
+    pub fn settle(&mut self) -> Result<()> {
+        match self.sink.as_mut() {
+            Some(Sink::Plain(f)) => f.settle(),
+            _ => Ok(()),
+        }
+    }
+
     /// Checks size and hash, then moves the blob into place.
     pub fn finish(mut self, store: &BlobStore) -> Result<()> {
+        self.settle()?;
         let d = self.digest;
         let hf = match self.sink.take().expect("sink present until finish") {
             Sink::Plain(f) => f,

@@ -151,7 +151,7 @@ impl ByteStreamService {
             while let Some(msg) = rx.blocking_recv() {
                 match msg {
                     PipeMsg::Data(b) => {
-                        if let Err(e) = state.write(&b) {
+                        if let Err(e) = state.write_owned(b.into()) {
                             return PipeEnd::Failed(e);
                         }
                     }
@@ -164,7 +164,11 @@ impl ByteStreamService {
                     }
                 }
             }
-            PipeEnd::Open(state)
+            // Parked for a later Write (or dropped): without its hashing thread.
+            match state.settle() {
+                Ok(()) => PipeEnd::Open(state),
+                Err(e) => PipeEnd::Failed(e),
+            }
         });
         let mut msg = Some(first);
         let mut stream_error: Option<KilnError> = None;
