@@ -259,7 +259,8 @@ async fn an_upload_cut_off_on_one_node_resumes_through_another() {
     use kiln_proto::bytestream::QueryWriteStatusRequest;
     let dir = tempfile::tempdir().unwrap();
     let nodes = start_cluster(dir.path()).await;
-    let data = pseudo_random(3 << 20, 4242);
+    // Large enough that the rest is hashed on a thread of its own, from the adopted state.
+    let data = pseudo_random(12 << 20, 4242);
     let d = sha256(&data);
     let res = upload_resource("", "cross-node-upload", &d);
     let half = 1_300_000;

@@ -286,12 +286,13 @@ impl Peer for PeerService {
             let cas = cas.clone();
             blocking(move || UploadState::start(&cas, d, false)).await?
         };
-        // One blocking thread hashes and writes while the next chunks arrive.
+        // One blocking thread writes (and a large blob's own thread hashes) while the next
+        // chunks arrive.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(PUSH_PIPE_CHUNKS);
         let writer = tokio::task::spawn_blocking(move || {
             let mut up = up;
             while let Some(chunk) = rx.blocking_recv() {
-                up.write(&chunk)?;
+                up.write_owned(chunk.into())?;
             }
             Ok::<_, KilnError>(up)
         });
