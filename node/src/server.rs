@@ -12,8 +12,8 @@ use tonic::transport::server::TcpIncoming;
 use crate::ac::ActionCacheStore;
 use crate::cas::BlobStore;
 use crate::config::Config;
-use crate::services::bytestream_read::ByteStreamRouter;
-use crate::services::find_missing::CasRouter;
+use crate::services::bytestream_read;
+use crate::services::find_missing;
 use crate::services::{action_cache::ActionCacheService, bytestream::ByteStreamService};
 use crate::services::{capabilities::CapabilitiesService, cas::CasService};
 use crate::services::{bots::BotsService, execution::ExecutionService, operations::OperationsService};
@@ -207,9 +207,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
                 .max_decoding_message_size(max_msg)
                 .max_encoding_message_size(max_msg),
         )
-        .add_service(CasRouter::new(CasService::new(state.clone()), max_msg))
+        .add_service(find_missing::router(CasService::new(state.clone()), max_msg))
         .add_service(
-            ByteStreamRouter::new(ByteStreamService::new(state.clone()), |s| {
+            bytestream_read::router(ByteStreamService::new(state.clone()), |s| {
                 s.max_decoding_message_size(max_msg).max_encoding_message_size(max_msg)
             }),
         )

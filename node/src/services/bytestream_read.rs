@@ -2,7 +2,7 @@
 //!
 //! Through tonic's generated server, a 1 MiB chunk read from a blob file was copied twice more
 //! before the socket: into the `Vec<u8>` of a `ReadResponse`, then into the encoding buffer. Here
-//! the chunk read from the file is itself an HTTP/2 DATA frame's payload: each `ReadResponse`
+//! the chunk mapped from the file is itself an HTTP/2 DATA frame's payload: each `ReadResponse`
 //! goes out as a few bytes of gRPC and protobuf header followed by the chunk, which h2 hands
 //! to the socket by vectored write. A `ReadResponse` holds one field, `data` (field 10), so its
 //! encoding is that header and the bytes.
@@ -25,17 +25,16 @@ use kiln_proto::bytestream::ReadRequest;
 use prost::Message;
 use tonic::body::Body;
 use tonic::codegen::{http, BoxFuture, Service};
-use tonic::server::NamedService;
 use tonic::Status;
 use tracing::Instrument;
 
 use super::bytestream::ByteStreamService;
+use super::fast_path::{unary_message, FastPath, Handler};
 use super::observe;
 use crate::cas::BlobChunks;
 use crate::logstream;
 use crate::metrics as m;
 
-const READ_PATH: &str = "/google.bytestream.ByteStream/Read";
 /// A ReadRequest is a resource name and two integers; anything larger is refused unread.
 const MAX_READ_REQUEST_BYTES: usize = 64 << 10;
 /// Chunks up to this size go out in one buffer with their header: one frame instead of two.
@@ -44,52 +43,27 @@ const COALESCE_BYTES: usize = 32 << 10;
 const DATA_KEY: u8 = (10 << 3) | 2;
 
 /// `google.bytestream.ByteStream`, with blob Reads served by [`read`].
+pub type ByteStreamRouter = FastPath<ByteStreamServer<ByteStreamService>, BlobRead>;
+
+/// `configure` sets the generated server's limits (message sizes).
+pub fn router(
+    service: ByteStreamService,
+    configure: impl FnOnce(ByteStreamServer<ByteStreamService>) -> ByteStreamServer<ByteStreamService>,
+) -> ByteStreamRouter {
+    let service = Arc::new(service);
+    FastPath::new(configure(ByteStreamServer::from_arc(service.clone())), BlobRead(service))
+}
+
+/// The handler of ByteStream Read.
 #[derive(Clone)]
-pub struct ByteStreamRouter {
-    service: Arc<ByteStreamService>,
-    generated: ByteStreamServer<ByteStreamService>,
-}
+pub struct BlobRead(Arc<ByteStreamService>);
 
-impl ByteStreamRouter {
-    /// `configure` sets the generated server's limits (message sizes).
-    pub fn new(
-        service: ByteStreamService,
-        configure: impl FnOnce(ByteStreamServer<ByteStreamService>) -> ByteStreamServer<ByteStreamService>,
-    ) -> Self {
-        let service = Arc::new(service);
-        Self { generated: configure(ByteStreamServer::from_arc(service.clone())), service }
+impl Handler<ByteStreamServer<ByteStreamService>> for BlobRead {
+    const PATH: &'static str = "/google.bytestream.ByteStream/Read";
+
+    fn handle(&self, generated: ByteStreamServer<ByteStreamService>, req: http::Request<Body>) -> BoxFuture<http::Response<Body>, Infallible> {
+        Box::pin(read(self.0.clone(), generated, req))
     }
-}
-
-impl NamedService for ByteStreamRouter {
-    const NAME: &'static str = "google.bytestream.ByteStream";
-}
-
-impl Service<http::Request<Body>> for ByteStreamRouter {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        if req.uri().path() != READ_PATH || !plain_grpc(req.headers()) {
-            return Box::pin(self.generated.call(req));
-        }
-        let service = self.service.clone();
-        let generated = self.generated.clone();
-        Box::pin(read(service, generated, req))
-    }
-}
-
-/// A gRPC request whose messages are not compressed.
-pub(super) fn plain_grpc(headers: &http::HeaderMap) -> bool {
-    let content_type = headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let grpc = content_type == "application/grpc" || content_type == "application/grpc+proto";
-    let encoding = headers.get("grpc-encoding").and_then(|v| v.to_str().ok()).unwrap_or("identity");
-    grpc && encoding == "identity"
 }
 
 async fn read(
@@ -132,21 +106,9 @@ async fn read(
     })
 }
 
-/// The one length-prefixed message of a unary request body.
+/// The request's one message, decoded.
 fn decode_request(body: &[u8]) -> Result<ReadRequest, Status> {
-    let Some((head, message)) = body.split_first_chunk::<5>() else {
-        return Err(Status::invalid_argument("ByteStream.Read request has no message"));
-    };
-    if head[0] != 0 {
-        return Err(Status::invalid_argument("ByteStream.Read request is compressed without a grpc-encoding"));
-    }
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    if len != message.len() {
-        return Err(Status::invalid_argument(format!(
-            "ByteStream.Read request body holds {} bytes after a message of {len}: one message expected",
-            message.len()
-        )));
-    }
+    let message = unary_message(body, "ByteStream.Read")?;
     ReadRequest::decode(message).map_err(|e| Status::invalid_argument(format!("ByteStream.Read request: {e}")))
 }
 

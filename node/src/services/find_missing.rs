@@ -10,11 +10,10 @@
 //!
 //! [`CasRouter`] serves `build.bazel.remote.execution.v2.ContentAddressableStorage`:
 //! uncompressed FindMissingBlobs calls take this path, every other method (and requests with a
-//! `grpc-encoding`) goes to the generated server unchanged.
+//! `grpc-encoding`) goes to the generated server unchanged ([`super::fast_path`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -25,57 +24,41 @@ use kiln_proto::reapi::FindMissingBlobsResponse;
 use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
 use prost::Message;
 use tonic::body::Body;
-use tonic::codegen::{http, BoxFuture, Service};
-use tonic::server::NamedService;
+use tonic::codegen::{http, BoxFuture};
 use tonic::Status;
 use tracing::Instrument;
 
-use super::bytestream_read::plain_grpc;
 use super::cas::CasService;
+use super::fast_path::{unary_message, FastPath, Handler};
 use super::observe;
 use crate::digest::{BlobDigest, DigestFunction};
 use crate::error::KilnError;
 
-const FIND_MISSING_PATH: &str = "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs";
-
 /// `build.bazel.remote.execution.v2.ContentAddressableStorage`, with FindMissingBlobs served
 /// by [`find_missing`].
+pub type CasRouter = FastPath<ContentAddressableStorageServer<CasService>, FindMissing>;
+
+/// `max_message` bounds requests and answers of every method.
+pub fn router(service: CasService, max_message: usize) -> CasRouter {
+    let service = Arc::new(service);
+    let generated = ContentAddressableStorageServer::from_arc(service.clone())
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    FastPath::new(generated, FindMissing { service, max_message })
+}
+
+/// The handler of FindMissingBlobs.
 #[derive(Clone)]
-pub struct CasRouter {
+pub struct FindMissing {
     service: Arc<CasService>,
-    generated: ContentAddressableStorageServer<CasService>,
     /// Largest request accepted, as the generated server's decoding limit.
     max_message: usize,
 }
 
-impl CasRouter {
-    /// `max_message` bounds requests and answers of every method.
-    pub fn new(service: CasService, max_message: usize) -> Self {
-        let service = Arc::new(service);
-        let generated = ContentAddressableStorageServer::from_arc(service.clone())
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
-        Self { service, generated, max_message }
-    }
-}
+impl Handler<ContentAddressableStorageServer<CasService>> for FindMissing {
+    const PATH: &'static str = "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs";
 
-impl NamedService for CasRouter {
-    const NAME: &'static str = "build.bazel.remote.execution.v2.ContentAddressableStorage";
-}
-
-impl Service<http::Request<Body>> for CasRouter {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        if req.uri().path() != FIND_MISSING_PATH || !plain_grpc(req.headers()) {
-            return Box::pin(self.generated.call(req));
-        }
+    fn handle(&self, _generated: ContentAddressableStorageServer<CasService>, req: http::Request<Body>) -> BoxFuture<http::Response<Body>, Infallible> {
         Box::pin(find_missing(self.service.clone(), self.max_message, req))
     }
 }
@@ -173,19 +156,7 @@ fn bad(what: impl std::fmt::Display) -> Status {
 /// The one message of a unary request body, walked as protobuf does: unknown fields are
 /// skipped, the last value of a repeated scalar wins.
 fn parse_request(body: &[u8]) -> Result<RawRequest<'_>, Status> {
-    let Some((head, message)) = body.split_first_chunk::<5>() else {
-        return Err(Status::invalid_argument("FindMissingBlobs request has no message"));
-    };
-    if head[0] != 0 {
-        return Err(Status::invalid_argument("FindMissingBlobs request is compressed without a grpc-encoding"));
-    }
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    if len != message.len() {
-        return Err(Status::invalid_argument(format!(
-            "FindMissingBlobs request body holds {} bytes after a message of {len}: one message expected",
-            message.len()
-        )));
-    }
+    let message = unary_message(body, "FindMissingBlobs")?;
     let mut request = RawRequest { instance_name: "", digest_function: 0, digests: Vec::with_capacity(message.len() / 72) };
     let mut buf = message;
     while !buf.is_empty() {

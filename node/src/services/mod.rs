@@ -12,6 +12,7 @@ pub mod bytestream_read;
 pub mod capabilities;
 pub mod cas;
 pub mod execution;
+pub mod fast_path;
 pub mod find_missing;
 pub mod logstream;
 pub mod operations;
