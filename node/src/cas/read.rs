@@ -2,7 +2,7 @@
 //! `compressed-blobs` reads) into a bounded channel, so a large blob never sits in memory.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -94,11 +94,22 @@ fn pump_mapped(f: &File, size: u64, d: &BlobDigest, offset: u64, limit: u64, tx:
     let mut pos = offset;
     while pos < end {
         let n = (READ_CHUNK_BYTES as u64).min(end - pos) as usize;
-        // SAFETY: a blob file is written whole under a temporary name, renamed into place and
-        // from then on only read or unlinked (an unlinked file stays mapped), never truncated
-        // or rewritten; its length was checked above. So the mapping stays valid and unchanged.
-        let map = unsafe { memmap2::MmapOptions::new().offset(pos).len(n).map(f) }
-            .map_err(|e| KilnError::io(format!("mapping blob {d}"), e))?;
+        // SAFETY: a blob file is complete before it can be opened for reading (written under a
+        // temporary name and renamed into place, or created at its path before its index entry
+        // exists) and from then on is only read, replaced by a rename or unlinked (a mapping
+        // keeps the old inode), never truncated or rewritten; its length was checked above. So
+        // the mapping stays valid and its bytes unchanged.
+        let map = match unsafe { memmap2::MmapOptions::new().offset(pos).len(n).map(f) } {
+            Ok(m) => m,
+            // A file system that cannot map files: read the rest into buffers.
+            Err(e) if pos == offset => {
+                tracing::debug!(digest = %d, error = %e, "blob file cannot be mapped: read instead");
+                let mut reader = f;
+                reader.seek(SeekFrom::Start(pos)).map_err(|e| KilnError::io(format!("seeking in blob {d}"), e))?;
+                return pump(reader, d, 0, end - pos, false, tx);
+            }
+            Err(e) => return Err(KilnError::io(format!("mapping blob {d}"), e)),
+        };
         match map.advise(memmap2::Advice::PopulateRead) {
             Ok(()) => {}
             // Kernels before 5.14: the pages come in as the socket write touches them.
