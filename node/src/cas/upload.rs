@@ -32,46 +32,61 @@ struct HashingFile {
 /// their sum.
 struct HashThread {
     chunks: std::sync::mpsc::SyncSender<Bytes>,
-    done: std::thread::JoinHandle<Hasher>,
+    /// The hasher once every chunk is hashed; `None` if the thread never received it.
+    done: std::thread::JoinHandle<Option<Hasher>>,
 }
 
 impl HashingFile {
+    fn check_room(&self, n: usize) -> std::io::Result<()> {
+        if self.written + n as u64 > self.limit {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, SizeExceeded));
+        }
+        Ok(())
+    }
+
+    /// Appends and hashes `buf` on this thread.
+    fn append_in_place(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.check_room(buf.len())?;
+        self.file.write_all(buf)?;
+        self.hasher.update(buf);
+        self.written += buf.len() as u64;
+        Ok(())
+    }
+
     /// Appends a chunk the caller owns: hashed on the hashing thread if the upload is large
     /// (started here on first need), else in place.
     fn write_shared(&mut self, data: Bytes) -> std::io::Result<()> {
-        if self.written + data.len() as u64 > self.limit {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, SizeExceeded));
-        }
+        self.check_room(data.len())?;
         if self.hashing.is_none() && self.limit - self.written >= HASH_THREAD_ABOVE {
             self.hashing = self.start_hash_thread();
         }
-        match &self.hashing {
-            Some(t) => {
-                t.chunks.send(data.clone()).map_err(|_| std::io::Error::other("the hashing thread stopped"))?;
-                self.file.write_all(&data)?;
-            }
-            None => {
-                self.file.write_all(&data)?;
-                self.hasher.update(&data);
-            }
-        }
+        let Some(t) = &self.hashing else { return self.append_in_place(&data) };
+        t.chunks.send(data.clone()).map_err(|_| std::io::Error::other("the hashing thread stopped"))?;
+        self.file.write_all(&data)?;
         self.written += data.len() as u64;
         Ok(())
     }
 
-    /// Moves the hasher to a new thread; `None` (hash in place) if no thread can be started.
+    /// Moves the hasher to a new thread; `None` (hash in place, the hasher kept) if no thread
+    /// can be started. The hasher is handed over once the thread runs, so a failed start
+    /// cannot take it along.
     fn start_hash_thread(&mut self) -> Option<HashThread> {
         let (chunks, rx) = std::sync::mpsc::sync_channel::<Bytes>(HASH_THREAD_QUEUE);
-        let placeholder = self.hasher.function().hasher();
-        let mut hasher = std::mem::replace(&mut self.hasher, placeholder);
+        let (give, take) = std::sync::mpsc::sync_channel::<Hasher>(1);
         let spawned = std::thread::Builder::new().name("kiln-hash".into()).spawn(move || {
+            let mut hasher = take.recv().ok()?;
             for chunk in rx {
                 hasher.update(&chunk);
             }
-            hasher
+            Some(hasher)
         });
         match spawned {
-            Ok(done) => Some(HashThread { chunks, done }),
+            Ok(done) => {
+                let placeholder = self.hasher.function().hasher();
+                // Room for one: does not block; the thread holds `take` until it receives.
+                let _ = give.send(std::mem::replace(&mut self.hasher, placeholder));
+                Some(HashThread { chunks, done })
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "no thread for hashing an upload: hashing in place");
                 None
@@ -84,7 +99,12 @@ impl HashingFile {
     fn settle(&mut self) -> Result<()> {
         if let Some(t) = self.hashing.take() {
             drop(t.chunks);
-            self.hasher = t.done.join().map_err(|_| KilnError::Internal("upload hashing thread panicked".into()))?;
+            self.hasher = t
+                .done
+                .join()
+                .ok()
+                .flatten()
+                .ok_or_else(|| KilnError::Internal("upload hashing thread failed".into()))?;
         }
         Ok(())
     }
@@ -92,12 +112,11 @@ impl HashingFile {
 
 impl Write for HashingFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.written + buf.len() as u64 > self.limit {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, SizeExceeded));
+        match self.hashing {
+            // A borrowed chunk of an upload hashed on its own thread: the thread needs a copy.
+            Some(_) => self.write_shared(Bytes::copy_from_slice(buf))?,
+            None => self.append_in_place(buf)?,
         }
-        self.file.write_all(buf)?;
-        self.hasher.update(buf);
-        self.written += buf.len() as u64;
         Ok(buf.len())
     }
 
@@ -171,7 +190,6 @@ impl UploadState {
     /// Appends `data` (compressed bytes for a compressed upload).
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
         let r = match self.sink.as_mut().expect("sink present until finish") {
-            Sink::Plain(f) if f.hashing.is_some() => f.write_shared(Bytes::copy_from_slice(data)),
             Sink::Plain(f) => f.write_all(data),
             Sink::Zstd(d) => d.write_all(data),
         };
@@ -183,12 +201,13 @@ impl UploadState {
     /// Appends `data` of a plain upload, or of a compressed one through [`Self::write`]. A large
     /// plain upload is hashed on a thread of its own meanwhile; [`Self::settle`] ends that.
     pub fn write_owned(&mut self, data: Bytes) -> Result<()> {
+        let n = data.len() as u64;
         let r = match self.sink.as_mut().expect("sink present until finish") {
-            Sink::Plain(f) => f.write_shared(data.clone()),
+            Sink::Plain(f) => f.write_shared(data),
             Sink::Zstd(_) => return self.write(&data),
         };
         r.map_err(|e| self.map_write_err(e))?;
-        self.received += data.len() as u64;
+        self.received += n;
         Ok(())
     }
 
