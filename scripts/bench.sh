@@ -6,7 +6,7 @@
 # `kiln-load suite` against the node, and prints every figure with its ratio to those limits
 # plus the checks of the benchmark issue. The full report goes to bench/results/<UTC time>.json.
 #
-# usage: scripts/bench.sh [--quick] [--cluster | --vs-buildgrid] [--bazel]
+# usage: scripts/bench.sh [--quick] [--cluster | --vs-buildgrid] [--bazel] [--fill-page-cache]
 #   --quick           ~1 s per workload instead of ~5 s (a smoke run; results get a -quick suffix)
 #   --cluster         also the same suite against a three-node cluster (scripts/cluster.sh: nodes
 #                     on 127.0.0.1:8981-8983, RF=2, one worker), through node 1, printed beside
@@ -19,6 +19,13 @@
 #                     with the ratios, <time>-bazel.json)
 #   --bazel           also the Bazel build benchmark (scripts/bench-bazel.sh: a clean remote-execution
 #                     build of a few hundred actions and a fully cached rebuild, medians of 3)
+#   --fill-page-cache first fills the page cache with a file in the run's temporary directory
+#                     (all available memory but 3 GiB, at most the free disk space but 8 GiB), kept
+#                     until the end: the memory state of a node that has run for a while, whose
+#                     new writes reuse pages the kernel reclaims. On a VM that hands free memory
+#                     back to its host (free page reporting, proactive reclaim), a fresh machine's
+#                     writes land in pages the host must fault in first, several times slower
+#                     (the `writes alone` limit measures that state). Recorded as page_cache_fill_mib.
 #
 # CARGO_TARGET_DIR is honoured (default: target/ in the repository). KILN_BIN=/path/to/kiln
 # benchmarks that binary instead of building this tree's (e.g. another revision's build).
@@ -33,12 +40,14 @@ usage() {
 QUICK=0
 MODE=single
 BAZEL=0
+FILL=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --cluster) MODE=cluster ;;
     --vs-buildgrid) MODE=vs-buildgrid; BAZEL=1 ;;
     --bazel) BAZEL=1 ;;
+    --fill-page-cache) FILL=1 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "bench.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -109,6 +118,22 @@ PORT=$(free_port)
 HPORT=$(free_port)
 while [ "$HPORT" = "$PORT" ]; do HPORT=$(free_port); done
 
+FILL_MIB=0
+if [ "$FILL" = 1 ]; then
+  avail_mib=$(awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo)
+  disk_mib=$(df -Pm "$TMP" | awk 'NR == 2 {print $4}')
+  FILL_MIB=$((avail_mib - 3072))
+  [ $((disk_mib - 8192)) -lt "$FILL_MIB" ] && FILL_MIB=$((disk_mib - 8192))
+  if [ "$FILL_MIB" -gt 0 ]; then
+    log "fill the page cache: $FILL_MIB MiB in $TMP/page-cache-fill"
+    dd if=/dev/zero of="$TMP/page-cache-fill" bs=1M count="$FILL_MIB" status=none
+    sync
+  else
+    FILL_MIB=0
+    echo "bench.sh: no memory or disk to spare for --fill-page-cache; running without" >&2
+  fi
+fi
+
 log "start kiln dev on 127.0.0.1:$PORT (data in $TMP/data)"
 RUST_LOG=${RUST_LOG:-warn} "$KILN" dev --listen "127.0.0.1:$PORT" --http "127.0.0.1:$HPORT" --data "$TMP/data" \
   >"$TMP/kiln.log" 2>&1 &
@@ -131,11 +156,13 @@ log "machine limits"
 if [ "$QUICK" = 1 ]; then
   "$LOAD" sha256-rate --bytes $((64 << 20)) --json "$TMP/limits-sha256.json"
   "$LOAD" tcp-rate --bytes $((256 << 20)) --json "$TMP/limits-tcp.json"
+  "$LOAD" file-send-rate --dir "$TMP" --passes 2 --json "$TMP/limits-filesend.json"
   "$LOAD" disk-rate --dir "$TMP" --bytes $((256 << 20)) --fsyncs 50 --json "$TMP/limits-disk.json"
   "$LOAD" spawn-rate --count 200 --json "$TMP/limits-spawn.json"
 else
   "$LOAD" sha256-rate --json "$TMP/limits-sha256.json"
   "$LOAD" tcp-rate --json "$TMP/limits-tcp.json"
+  "$LOAD" file-send-rate --dir "$TMP" --json "$TMP/limits-filesend.json"
   "$LOAD" disk-rate --dir "$TMP" --json "$TMP/limits-disk.json"
   "$LOAD" spawn-rate --json "$TMP/limits-spawn.json"
 fi
@@ -156,7 +183,7 @@ suite() {
   shift 3
   "$LOAD" suite --endpoint "$endpoint" --instance "$instance" "${SUITE_FLAGS[@]}" \
     --limits "$TMP/limits-sha256.json" --limits "$TMP/limits-tcp.json" --limits "$TMP/limits-disk.json" \
-    --limits "$TMP/limits-spawn.json" \
+    --limits "$TMP/limits-spawn.json" --limits "$TMP/limits-filesend.json" --meta "page_cache_fill_mib=$FILL_MIB" \
     --meta "git_rev=$REV" --meta "git_commit=$COMMIT" --meta "git_dirty=$DIRTY" \
     --meta "git_dirty_paths=$DIRTY_PATHS" --meta "git_diff_sha256=$DIFF_SHA" \
     --meta "tree_changed_during_build=$TREE_CHANGED" --meta "mode=$MODE" \
@@ -240,7 +267,7 @@ if [ "$MODE" = cluster ] && [ "$status" = 0 ]; then
   log "suite against the cluster, through node 1 (grpc://127.0.0.1:8981)"
   "$LOAD" suite --endpoint "grpc://127.0.0.1:8981" "${SUITE_FLAGS[@]}" \
     --limits "$TMP/limits-sha256.json" --limits "$TMP/limits-tcp.json" --limits "$TMP/limits-disk.json" \
-    --limits "$TMP/limits-spawn.json" \
+    --limits "$TMP/limits-spawn.json" --limits "$TMP/limits-filesend.json" --meta "page_cache_fill_mib=$FILL_MIB" \
     --meta "git_rev=$REV" --meta "git_commit=$COMMIT" --meta "git_dirty=$DIRTY" \
     --meta "mode=cluster" --meta "nodes=3" --meta "replication_factor=2" \
     --meta "kiln_version=$("$KILN" --version 2>/dev/null || echo unknown)" \

@@ -93,6 +93,21 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// A file in the page cache sent over one loopback TCP stream by 1 MiB pread + write,
+    /// bytes/s (best of 3): what serving cached blob bytes costs without any protocol.
+    FileSendRate {
+        /// Directory to hold the probe file (the server's data directory's file system).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Size of the probe file: larger than the CPU caches.
+        #[arg(long, default_value_t = 64 * MIB)]
+        bytes: u64,
+        /// Times the file is sent per attempt.
+        #[arg(long, default_value_t = 4)]
+        passes: u32,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Joins reports of partial runs of the suite against one server (`suite --only ...`) into
     /// one: the first report's header, every run's workloads, and the checks evaluated anew
     /// over all of them. Prints the table.
@@ -187,6 +202,31 @@ async fn main() -> anyhow::Result<()> {
                 &json,
                 &MachineLimits {
                     tcp_loopback_bytes_per_sec: Some(rate),
+                    ..Default::default()
+                },
+            )
+        }
+        Command::FileSendRate {
+            dir,
+            bytes,
+            passes,
+            json,
+        } => {
+            let d = dir.clone();
+            let rate =
+                tokio::task::spawn_blocking(move || limits::file_send_rate(&d, bytes, passes, 3))
+                    .await??;
+            println!(
+                "file-send-rate: {} (a {} MiB file in the page cache of {}, sent {passes} times over one \
+                 loopback stream by 1 MiB pread + write, best of 3)",
+                mbs(rate),
+                bytes / MIB,
+                dir.display()
+            );
+            write_json(
+                &json,
+                &MachineLimits {
+                    file_send_bytes_per_sec: Some(rate),
                     ..Default::default()
                 },
             )

@@ -9,6 +9,10 @@
 //!   A server must hash every byte it accepts, so a single upload stream cannot go faster.
 //! - [`tcp_rate`]: one loopback TCP stream, both ends with `TCP_NODELAY`. A read cannot
 //!   leave the server faster than the kernel copies bytes between two sockets.
+//! - [`file_send_rate`]: a file in the page cache sent over one loopback TCP stream by a plain
+//!   loop (1 MiB `pread` into one buffer, `write` to the socket). A blob read is this plus
+//!   framing: unlike [`tcp_rate`]'s one cache-warm buffer, every byte comes from memory the
+//!   CPU caches have not seen, which on this kind of VM costs about half the loopback rate.
 //! - [`disk_rate`]: sequential 1 MiB writes then one fsync, and the rate of small
 //!   write + fdatasync pairs: durable blob writes and Action Cache updates are bound by these.
 //!   It also reports the write phase alone (into the page cache, before the fsync): on a VM
@@ -45,6 +49,9 @@ pub struct MachineLimits {
     /// One loopback TCP stream, bytes/s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_loopback_bytes_per_sec: Option<f64>,
+    /// A file in the page cache sent over one loopback TCP stream, bytes/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_send_bytes_per_sec: Option<f64>,
     /// Sequential file write in 1 MiB writes including the final fsync, bytes/s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_write_fsync_bytes_per_sec: Option<f64>,
@@ -67,6 +74,9 @@ impl MachineLimits {
             tcp_loopback_bytes_per_sec: other
                 .tcp_loopback_bytes_per_sec
                 .or(self.tcp_loopback_bytes_per_sec),
+            file_send_bytes_per_sec: other
+                .file_send_bytes_per_sec
+                .or(self.file_send_bytes_per_sec),
             disk_write_fsync_bytes_per_sec: other
                 .disk_write_fsync_bytes_per_sec
                 .or(self.disk_write_fsync_bytes_per_sec),
@@ -160,6 +170,84 @@ pub async fn tcp_rate(total_bytes: u64) -> anyhow::Result<f64> {
         "loopback probe lost bytes"
     );
     Ok(received as f64 / elapsed.as_secs_f64())
+}
+
+/// A cached file sent over one loopback TCP stream, bytes/s, best of `attempts`: a file of
+/// `file_bytes` is written in `dir` (so its pages are in the page cache), then each attempt
+/// sends it `passes` times by 1 MiB `pread` into one buffer and `write_all` to a socket whose
+/// reader discards. The clock stops when the sender has the reader's count back. Blocking; the
+/// file is removed afterwards.
+pub fn file_send_rate(
+    dir: &Path,
+    file_bytes: u64,
+    passes: u32,
+    attempts: u32,
+) -> anyhow::Result<f64> {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("kiln-load-send-probe-{}.tmp", std::process::id()));
+    let chunks = (file_bytes / PROBE_CHUNK_BYTES as u64).max(1);
+    let run = || -> anyhow::Result<f64> {
+        {
+            let buf = pattern_buffer(PROBE_CHUNK_BYTES);
+            let mut f = std::fs::File::create(&path)?;
+            for i in 0..chunks {
+                // Distinct chunks, so no two pages of the file hold the same bytes.
+                f.write_all(&(i as u64).to_le_bytes())?;
+                f.write_all(&buf[8..])?;
+            }
+        }
+        let file = std::fs::File::open(&path)?;
+        let mut best = Duration::MAX;
+        let mut sent_per_attempt = 0u64;
+        for _ in 0..attempts.max(1) {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?;
+            let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+                let (mut sock, _) = listener.accept()?;
+                sock.set_nodelay(true)?;
+                let mut buf = vec![0u8; PROBE_CHUNK_BYTES];
+                let mut n = 0u64;
+                loop {
+                    match sock.read(&mut buf)? {
+                        0 => break,
+                        r => n += r as u64,
+                    }
+                }
+                sock.write_all(&n.to_le_bytes())?;
+                Ok(n)
+            });
+            let mut buf = vec![0u8; PROBE_CHUNK_BYTES];
+            let start = Instant::now();
+            let mut sock = std::net::TcpStream::connect(addr)?;
+            sock.set_nodelay(true)?;
+            for _ in 0..passes.max(1) {
+                for i in 0..chunks {
+                    file.read_exact_at(&mut buf, i * PROBE_CHUNK_BYTES as u64)?;
+                    sock.write_all(&buf)?;
+                }
+            }
+            sock.shutdown(std::net::Shutdown::Write)?;
+            let mut count = [0u8; 8];
+            sock.read_exact(&mut count)?;
+            let elapsed = start.elapsed();
+            let received = u64::from_le_bytes(count);
+            let read_side = reader
+                .join()
+                .map_err(|_| anyhow::anyhow!("probe reader panicked"))??;
+            sent_per_attempt = chunks * PROBE_CHUNK_BYTES as u64 * u64::from(passes.max(1));
+            anyhow::ensure!(
+                received == sent_per_attempt && read_side == received,
+                "file-send probe lost bytes"
+            );
+            best = best.min(elapsed);
+        }
+        Ok(sent_per_attempt as f64 / best.as_secs_f64())
+    };
+    let r = run();
+    let _ = std::fs::remove_file(&path);
+    r.with_context(|| format!("file-send probe in {}", dir.display()))
 }
 
 /// What [`disk_rate`] measured.
@@ -262,5 +350,20 @@ mod tests {
             "unmeasured limits are left out: {json}"
         );
         assert_eq!(serde_json::from_str::<MachineLimits>(&json).unwrap(), m);
+    }
+
+    #[test]
+    fn file_send_probe_sends_every_byte_and_removes_its_file() {
+        let dir = std::env::temp_dir().join(format!("kiln-load-send-test-{}", std::process::id()));
+        let rate = file_send_rate(&dir, 3 * PROBE_CHUNK_BYTES as u64, 2, 2).unwrap();
+        let left = std::fs::read_dir(&dir).unwrap().count();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(rate.is_finite() && rate > 0.0, "rate {rate}");
+        assert_eq!(left, 0, "probe file left behind");
+        let b = MachineLimits {
+            file_send_bytes_per_sec: Some(rate),
+            ..Default::default()
+        };
+        assert_eq!(MachineLimits::default().merge(b).file_send_bytes_per_sec, Some(rate));
     }
 }

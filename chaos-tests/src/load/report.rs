@@ -221,6 +221,12 @@ impl WorkloadResult {
                 mbs,
                 limits.tcp_loopback_bytes_per_sec,
             );
+            add(
+                "filesend",
+                "MB/s ÷ a page-cache file sent over one loopback stream (pread + write) MB/s",
+                mbs,
+                limits.file_send_bytes_per_sec,
+            );
         } else if n.starts_with("execute") {
             add(
                 "spawn",
@@ -337,10 +343,11 @@ fn mbs(bytes_per_sec: Option<f64>) -> String {
 /// The machine limits as one line.
 pub fn render_limits(l: &MachineLimits) -> String {
     format!(
-        "machine limits: SHA-256 one core {} · loopback TCP one stream {} · disk sequential write+fsync {} \
+        "machine limits: SHA-256 one core {} · loopback TCP one stream {} (a cached file sent over it {}) · disk sequential write+fsync {} \
          (writes alone {}) · 4 KiB append+fdatasync {} · /bin/true spawn+wait {}",
         mbs(l.sha256_bytes_per_sec),
         mbs(l.tcp_loopback_bytes_per_sec),
+        mbs(l.file_send_bytes_per_sec),
         mbs(l.disk_write_fsync_bytes_per_sec),
         mbs(l.page_cache_write_bytes_per_sec),
         l.fsyncs_per_sec.map_or("—".into(), |f| format!("{f:.0}/s")),
