@@ -8,6 +8,7 @@ pub const REPAIR_PASSES: &str = "kiln_repair_passes_total";
 pub const REPAIR_SCANNED: &str = "kiln_repair_scanned_blobs_total";
 pub const CAS_BYTES_WRITTEN: &str = "kiln_cas_bytes_written_total";
 pub const CAS_BYTES_READ: &str = "kiln_cas_bytes_read_total";
+pub const CAS_TEE_BYTES: &str = "kiln_cas_tee_bytes_total";
 pub const CAS_MEMORY_HITS: &str = "kiln_cas_memory_tier_hits_total";
 pub const CAS_EVICTIONS: &str = "kiln_cas_evictions_total";
 pub const CAS_CORRUPT_BLOBS: &str = "kiln_cas_corrupt_blobs_total";
@@ -33,6 +34,7 @@ pub fn describe() {
     describe_counter!(REPAIR_SCANNED, "blobs read by repair passes");
     describe_counter!(CAS_BYTES_WRITTEN, Unit::Bytes, "blob bytes committed to disk");
     describe_counter!(CAS_BYTES_READ, Unit::Bytes, "blob bytes served");
+    describe_counter!(CAS_TEE_BYTES, Unit::Bytes, "upload bytes forwarded to the blob's other owners while they arrived");
     describe_counter!(CAS_MEMORY_HITS, "blob reads served from the memory tier");
     describe_counter!(CAS_EVICTIONS, "blobs evicted by the size limit");
     describe_counter!(CAS_CORRUPT_BLOBS, "blobs dropped because their bytes no longer matched the digest");

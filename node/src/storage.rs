@@ -6,9 +6,12 @@
 //! and to the owners' `kiln.peer.v1.Peer` local-store calls for the rest. A ring of one node
 //! makes every call local.
 //!
-//! - **Writes** land in the local store first (hashed and verified while streaming), then are
-//!   pushed to every owner in parallel; the write is acknowledged once every reachable owner has
-//!   the blob in place, and at least one. A copy on a non-owner stays as an evictable cache.
+//! - **Writes** land in the local store (hashed and verified while streaming) and reach every
+//!   other owner in parallel: a plain ByteStream upload is forwarded to them chunk by chunk as
+//!   it arrives ([`Tee`]), anything else (batches, resumed or compressed uploads, an owner the
+//!   tee lost) is pushed from the local copy once stored. The write is acknowledged once every
+//!   reachable owner has the blob in place, and at least one. A copy on a non-owner stays as an
+//!   evictable cache.
 //! - **Reads** use the local copy if any, else fetch from the owners in ring order, then from
 //!   the other members (a blob written before a membership change), into the local store, and
 //!   serve from there; owners found lacking it are repaired.
@@ -18,9 +21,10 @@
 //!   while every blob it references is still in the CAS (else the client would get a hit it
 //!   cannot download).
 //!
-//! Road not taken: streaming a non-owner's upload straight to the owners without a local copy
-//! would save one disk write, but the local copy is what lets an upload resume on this node and
-//! lets the hash be verified before any owner is touched.
+//! Road not taken: streaming a non-owner's upload to the owners *without* a local copy would
+//! save one disk write, but the local copy is what lets an upload cut off mid-way resume on this
+//! node. The tee keeps it; each owner verifies the hash of what it receives on its own, so an
+//! upload whose bytes do not match its digest is stored nowhere.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -46,8 +50,81 @@ use crate::services::peer::{from_peer_digest, peer_digest};
 
 /// Chunk size of blob pushes between nodes.
 const PEER_CHUNK: usize = 1 << 20;
+/// Chunks queued per owner of a [`Tee`]: bounds what a slow owner makes this node hold.
+const TEE_CHUNKS: usize = 4;
 /// A result referencing more blobs than this is refused (it could not be checked quickly).
 const MAX_REFERENCED_BLOBS: usize = 100_000;
+
+/// A plain upload forwarded to the blob's other owners while it arrives, one peer `WriteBlob`
+/// stream each, so that they hold the blob when the upload commits here rather than receive it
+/// from this node afterwards. Each owner hashes and checks what it receives. A branch whose
+/// owner fails or answers early (it had the blob) stops taking chunks; [`Tee::finish`] reports
+/// the owners that stored the blob, and the caller pushes it to the rest. Dropped unfinished
+/// (the upload was cut off or refused), it cancels the streams and the owners discard what they
+/// received.
+pub struct Tee {
+    digest: BlobDigest,
+    first: bool,
+    branches: Vec<TeeBranch>,
+}
+
+struct TeeBranch {
+    owner: u64,
+    tx: Option<tokio::sync::mpsc::Sender<BlobChunk>>,
+    rpc: Option<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl Tee {
+    /// Forwards the next bytes of the upload to every owner still taking them.
+    pub async fn send(&mut self, data: &[u8]) {
+        for piece in data.chunks(PEER_CHUNK) {
+            let digest = self.first.then(|| peer_digest(&self.digest));
+            self.first = false;
+            for b in &mut self.branches {
+                let Some(tx) = &b.tx else { continue };
+                let chunk = BlobChunk { version: PEER_VERSION, digest: digest.clone(), data: piece.to_vec() };
+                if tx.send(chunk).await.is_err() {
+                    b.tx = None;
+                } else {
+                    metrics::counter!(crate::metrics::CAS_TEE_BYTES).increment(piece.len() as u64);
+                }
+            }
+        }
+    }
+
+    /// Ends the streams: every byte of the upload was sent. The owners finish meanwhile.
+    pub fn close(&mut self) {
+        for b in &mut self.branches {
+            b.tx = None;
+        }
+    }
+
+    /// Closes the streams and waits for the owners' answers: the ids of those that stored
+    /// the blob.
+    pub async fn finish(mut self) -> Vec<u64> {
+        self.close();
+        let mut stored = Vec::new();
+        for b in &mut self.branches {
+            let Some(rpc) = b.rpc.take() else { continue };
+            match rpc.await {
+                Ok(Ok(())) => stored.push(b.owner),
+                Ok(Err(e)) => tracing::debug!(node = b.owner, digest = %self.digest, error = %e, "tee to an owner failed; pushing instead"),
+                Err(e) => tracing::debug!(node = b.owner, digest = %self.digest, error = %e, "tee task ended"),
+            }
+        }
+        stored
+    }
+}
+
+impl Drop for Tee {
+    fn drop(&mut self) {
+        for b in &mut self.branches {
+            if let Some(rpc) = b.rpc.take() {
+                rpc.abort();
+            }
+        }
+    }
+}
 
 /// Blobs examined per step of a repair pass.
 const REPAIR_PAGE: usize = 1000;
@@ -253,11 +330,21 @@ impl Storage {
     /// Pushes a locally stored blob to every owner that is not this node, in parallel. Ok once
     /// every reachable owner has it and at least one node (this one counts if it owns it) does.
     pub async fn replicate(&self, d: &BlobDigest) -> Result<()> {
+        self.replicate_except(d, &[]).await
+    }
+
+    /// [`Self::replicate`], counting the owners in `stored` (by node id) as holding the blob
+    /// already: those a [`Tee`] delivered it to.
+    pub async fn replicate_except(&self, d: &BlobDigest, stored: &[u64]) -> Result<()> {
         let owners = self.owners(d);
         let self_owner = owners.iter().any(|o| o.id == self.node_id);
-        let pushes = owners.iter().filter(|o| o.id != self.node_id).map(|o| async move { (o.id, self.push_to(o, d).await) });
+        let already = owners.iter().filter(|o| o.id != self.node_id && stored.contains(&o.id)).count();
+        let pushes = owners
+            .iter()
+            .filter(|o| o.id != self.node_id && !stored.contains(&o.id))
+            .map(|o| async move { (o.id, self.push_to(o, d).await) });
         let results = futures::future::join_all(pushes).await;
-        let mut ok = usize::from(self_owner);
+        let mut ok = usize::from(self_owner) + already;
         for (id, r) in &results {
             match r {
                 Ok(()) => ok += 1,
@@ -276,6 +363,36 @@ impl Storage {
             return Err(KilnError::Unavailable(format!("no owner of blob {d} could store it")));
         }
         Ok(())
+    }
+
+    /// A tee of a plain upload of `d` to its owners other than this node, or `None` if there
+    /// are none (a ring of one, or this node the only owner left).
+    pub fn tee(&self, d: &BlobDigest) -> Option<Tee> {
+        if self.is_alone() {
+            return None;
+        }
+        let mut branches = Vec::new();
+        for o in self.owners(d).into_iter().filter(|o| o.id != self.node_id) {
+            let mut client = match self.client(&o) {
+                Ok(c) => c,
+                // Pushed from the local copy after the upload, or repaired, like any write.
+                Err(e) => {
+                    tracing::debug!(node = o.id, error = %e, "no tee to an unreachable owner");
+                    continue;
+                }
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel::<BlobChunk>(TEE_CHUNKS);
+            let id = o.id;
+            let rpc = tokio::spawn(async move {
+                client
+                    .write_blob(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| KilnError::Unavailable(format!("node {id}: {}", s.message())))
+            });
+            branches.push(TeeBranch { owner: o.id, tx: Some(tx), rpc: Some(rpc) });
+        }
+        (!branches.is_empty()).then(|| Tee { digest: *d, first: true, branches })
     }
 
     async fn push_to(&self, o: &Owner, d: &BlobDigest) -> Result<()> {

@@ -543,3 +543,64 @@ async fn a_batch_through_one_node_is_on_every_owner_when_acknowledged() {
         .into_inner();
     assert_eq!(r.blobs.iter().map(|b| (b.found, b.data.clone())).collect::<Vec<_>>(), vec![(false, vec![]), (true, good.clone())]);
 }
+
+#[tokio::test]
+async fn a_streamed_upload_through_a_non_owner_is_on_its_owners_when_acknowledged_and_a_false_one_nowhere() {
+    use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_cluster(dir.path()).await;
+    let members: Vec<(u64, std::net::SocketAddr)> = nodes.iter().enumerate().map(|(i, n)| (i as u64 + 1, n.grpc)).collect();
+    // Blobs node 1 does not own: it forwards them to both owners while they arrive.
+    let foreign = |size: usize, from: u64| {
+        (from..from + 64)
+            .map(|seed| pseudo_random(size, seed))
+            .find(|b| !owners_of(&sha256(b), &members).contains(&1))
+            .expect("one of 64 blobs is not node 1's")
+    };
+    let data = foreign(3 << 20, 9100);
+    let d = sha256(&data);
+    let res = upload_resource("", "tee-upload", &d);
+    let bs = || ByteStreamClient::new(nodes[0].client.channel.clone());
+    let committed = bs().write(futures::stream::iter(write_requests(&res, &data, 0, 64 << 10, true))).await.unwrap().into_inner().committed_size;
+    assert_eq!(committed, data.len() as i64);
+    for owner in owners_of(&d, &members) {
+        assert!(holds(&nodes[owner as usize - 1].client, &d).await, "owner {owner} lacks the blob when the write is acknowledged");
+        assert_eq!(nodes[owner as usize - 1].client.read(&blob_resource("", &d)).await.unwrap(), data);
+    }
+    // Forwarded while it arrived (to both owners), not pushed afterwards.
+    let cfg = std::fs::read_to_string(dir.path().join("node1.toml")).unwrap();
+    let http = cfg.lines().find_map(|l| l.strip_prefix("http = \"")).and_then(|l| l.strip_suffix('"')).unwrap().parse().unwrap();
+    let metrics = http_get(http, "/metrics").await;
+    let teed: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln_cas_tee_bytes_total "))
+        .unwrap_or_else(|| panic!("no tee counter in {metrics}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(teed, 2.0 * data.len() as f64);
+
+    // Bytes that do not hash to their digest: refused, and stored by no node.
+    let other = foreign(1 << 20, 9300);
+    let mut wrong = other.clone();
+    wrong[12345] ^= 1;
+    let od = sha256(&other);
+    let err = bs()
+        .write(futures::stream::iter(write_requests(&upload_resource("", "tee-false", &od), &wrong, 0, 64 << 10, true)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    for n in &nodes {
+        assert!(!holds(&n.client, &od).await, "a node stored bytes that do not match their digest");
+    }
+
+    // Cut off half-way (the tee is dropped): the upload resumes on node 1 and reaches the owners.
+    let res = upload_resource("", "tee-cut", &od);
+    let half = 600_000;
+    bs().write(futures::stream::iter(write_requests(&res, &other[..half], 0, 64 << 10, false))).await.unwrap();
+    let committed = bs().write(futures::stream::iter(write_requests(&res, &other, half, 64 << 10, true))).await.unwrap().into_inner().committed_size;
+    assert_eq!(committed, other.len() as i64);
+    for owner in owners_of(&od, &members) {
+        assert!(holds(&nodes[owner as usize - 1].client, &od).await, "owner {owner} lacks the resumed blob");
+    }
+}

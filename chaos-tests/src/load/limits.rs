@@ -194,7 +194,7 @@ pub fn file_send_rate(
             let mut f = std::fs::File::create(&path)?;
             for i in 0..chunks {
                 // Distinct chunks, so no two pages of the file hold the same bytes.
-                f.write_all(&(i as u64).to_le_bytes())?;
+                f.write_all(&i.to_le_bytes())?;
                 f.write_all(&buf[8..])?;
             }
         }

@@ -142,6 +142,8 @@ impl ByteStreamService {
                 )));
             }
         };
+        // A fresh plain upload goes to the blob's other owners as it arrives.
+        let mut tee = if state.received == 0 && !res.compressed { self.state.storage.tee(&d) } else { None };
         // A resumed Write may start before the committed size: skip the bytes we already have.
         let mut skip = state.received - offset;
         let mut expected = offset;
@@ -194,10 +196,16 @@ impl ByteStreamService {
                 data.drain(..s);
                 skip -= s as u64;
             }
+            if let (Some(t), false) = (tee.as_mut(), data.is_empty()) {
+                t.send(&data).await;
+            }
             if !data.is_empty() && tx.send(PipeMsg::Data(data)).await.is_err() {
                 break; // the writer failed; its error is collected below
             }
             if m.finish_write {
+                if let Some(t) = tee.as_mut() {
+                    t.close();
+                }
                 let _ = tx.send(PipeMsg::Finish).await;
                 break;
             }
@@ -215,7 +223,11 @@ impl ByteStreamService {
         match (end, stream_error) {
             (PipeEnd::Committed(n), _) => {
                 // Acknowledged only once the owners hold it too.
-                self.state.storage.replicate(&d).await?;
+                let stored = match tee.take() {
+                    Some(t) => t.finish().await,
+                    None => Vec::new(),
+                };
+                self.state.storage.replicate_except(&d, &stored).await?;
                 Ok(WriteResponse { committed_size: n as i64 })
             }
             (PipeEnd::Failed(e), _) => Err(e),
