@@ -6,12 +6,14 @@
 //! and to the owners' `kiln.peer.v1.Peer` local-store calls for the rest. A ring of one node
 //! makes every call local.
 //!
-//! - **Writes** land in the local store (hashed and verified while streaming) and reach every
-//!   other owner in parallel: a plain ByteStream upload is forwarded to them chunk by chunk as
-//!   it arrives ([`Tee`]), anything else (batches, resumed or compressed uploads, an owner the
-//!   tee lost) is pushed from the local copy once stored. The write is acknowledged once every
-//!   reachable owner has the blob in place, and at least one. A copy on a non-owner stays as an
-//!   evictable cache.
+//! - **Writes** reach every owner in parallel. A fresh plain ByteStream upload is forwarded to
+//!   the other owners chunk by chunk as it arrives ([`Tee`]); a node that owns no replica keeps
+//!   no copy of it at all, and one cut off mid-way stays parked on the owners under its upload
+//!   key, where a Write through any node resumes it. Anything else (batches, compressed or
+//!   resumed uploads, an owner the tee could not reach) lands in the local store first (hashed
+//!   and verified while streaming) and is pushed from there. The write is acknowledged once
+//!   every reachable owner has the blob in place, and at least one. A copy on a non-owner stays
+//!   as an evictable cache.
 //! - **Reads** use the local copy if any, else fetch from the owners in ring order, then from
 //!   the other members (a blob written before a membership change), into the local store, and
 //!   serve from there; owners found lacking it are repaired.
@@ -21,10 +23,10 @@
 //!   while every blob it references is still in the CAS (else the client would get a hit it
 //!   cannot download).
 //!
-//! Road not taken: streaming a non-owner's upload to the owners *without* a local copy would
-//! save one disk write, but the local copy is what lets an upload cut off mid-way resume on this
-//! node. The tee keeps it; each owner verifies the hash of what it receives on its own, so an
-//! upload whose bytes do not match its digest is stored nowhere.
+//! Each owner verifies the hash of what it receives on its own, so an upload whose bytes do not
+//! match its digest is stored nowhere. The price of keeping no copy on the entry node: with
+//! every owner of a blob down, the node it was uploaded through cannot serve it either (it
+//! answers UNAVAILABLE, not NOT_FOUND: absence is only reported when an owner said so).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -56,33 +58,60 @@ const TEE_CHUNKS: usize = 4;
 const MAX_REFERENCED_BLOBS: usize = 100_000;
 
 /// A plain upload forwarded to the blob's other owners while it arrives, one peer `WriteBlob`
-/// stream each, so that they hold the blob when the upload commits here rather than receive it
+/// stream each, so that they hold the blob when the upload ends here rather than receive it
 /// from this node afterwards. Each owner hashes and checks what it receives. A branch whose
-/// owner fails or answers early (it had the blob) stops taking chunks; [`Tee::finish`] reports
-/// the owners that stored the blob, and the caller pushes it to the rest. Dropped unfinished
-/// (the upload was cut off or refused), it cancels the streams and the owners discard what they
-/// received.
+/// owner fails or answers early (it had the blob) stops taking chunks.
+///
+/// When this node is not an owner and reaches every owner, the upload needs no local copy
+/// ([`Tee::forwards_only`]): the first chunk carries the client's upload key, and an upload
+/// cut off mid-way is parked by the owners under it, where a Write through any node resumes
+/// it ([`Storage::adopt_remote_upload`]). Dropped, a tee closes its streams as a cut-off
+/// upload does; [`Tee::abort`] cancels them (the owners discard what they received).
 pub struct Tee {
     digest: BlobDigest,
+    upload_key: String,
     first: bool,
+    forwards_only: bool,
     branches: Vec<TeeBranch>,
 }
 
 struct TeeBranch {
     owner: u64,
     tx: Option<tokio::sync::mpsc::Sender<BlobChunk>>,
-    rpc: Option<tokio::task::JoinHandle<Result<()>>>,
+    rpc: Option<tokio::task::JoinHandle<std::result::Result<u64, tonic::Status>>>,
+}
+
+/// How the owners of a [`Tee`] answered.
+pub struct TeeOutcome {
+    /// The owners that stored the blob.
+    pub stored: Vec<u64>,
+    /// The most bytes an owner parked of an upload that ended unfinished.
+    pub parked: u64,
+    /// What the first owner that failed said.
+    pub error: Option<KilnError>,
 }
 
 impl Tee {
+    /// Whether the upload needs no copy here: this node owns no replica and every owner has a
+    /// branch.
+    pub fn forwards_only(&self) -> bool {
+        self.forwards_only
+    }
+
+    /// Branches still taking chunks.
+    pub fn live(&self) -> usize {
+        self.branches.iter().filter(|b| b.tx.is_some()).count()
+    }
+
     /// Forwards the next bytes of the upload to every owner still taking them.
     pub async fn send(&mut self, data: &[u8]) {
         for piece in data.chunks(PEER_CHUNK) {
             let digest = self.first.then(|| peer_digest(&self.digest));
+            let upload_key = if self.first && self.forwards_only { self.upload_key.clone() } else { String::new() };
             self.first = false;
             for b in &mut self.branches {
                 let Some(tx) = &b.tx else { continue };
-                let chunk = BlobChunk { version: PEER_VERSION, digest: digest.clone(), data: piece.to_vec() };
+                let chunk = BlobChunk { version: PEER_VERSION, digest: digest.clone(), data: piece.to_vec(), upload_key: upload_key.clone() };
                 if tx.send(chunk).await.is_err() {
                     b.tx = None;
                 } else {
@@ -92,37 +121,53 @@ impl Tee {
         }
     }
 
-    /// Ends the streams: every byte of the upload was sent. The owners finish meanwhile.
+    /// Ends the streams: every byte received was sent. The owners finish (or park) meanwhile.
     pub fn close(&mut self) {
         for b in &mut self.branches {
             b.tx = None;
         }
     }
 
-    /// Closes the streams and waits for the owners' answers: the ids of those that stored
-    /// the blob.
-    pub async fn finish(mut self) -> Vec<u64> {
+    /// Closes the streams and waits for the owners' answers.
+    pub async fn finish(mut self) -> TeeOutcome {
         self.close();
-        let mut stored = Vec::new();
+        let mut out = TeeOutcome { stored: Vec::new(), parked: 0, error: None };
         for b in &mut self.branches {
             let Some(rpc) = b.rpc.take() else { continue };
-            match rpc.await {
-                Ok(Ok(())) => stored.push(b.owner),
-                Ok(Err(e)) => tracing::debug!(node = b.owner, digest = %self.digest, error = %e, "tee to an owner failed; pushing instead"),
-                Err(e) => tracing::debug!(node = b.owner, digest = %self.digest, error = %e, "tee task ended"),
-            }
+            let e = match rpc.await {
+                Ok(Ok(n)) if n >= self.digest.size => {
+                    out.stored.push(b.owner);
+                    continue;
+                }
+                Ok(Ok(n)) => {
+                    out.parked = out.parked.max(n);
+                    continue;
+                }
+                Ok(Err(s)) if s.code() == tonic::Code::InvalidArgument => KilnError::invalid(s.message().to_string()),
+                Ok(Err(s)) => KilnError::Unavailable(format!("node {}: {}", b.owner, s.message())),
+                Err(e) => KilnError::Internal(format!("forwarding to node {}: {e}", b.owner)),
+            };
+            tracing::debug!(node = b.owner, digest = %self.digest, error = %e, "an owner did not take a forwarded upload");
+            out.error.get_or_insert(e);
         }
-        stored
+        out
     }
-}
 
-impl Drop for Tee {
-    fn drop(&mut self) {
+    /// Cancels the streams: the owners discard what they received.
+    pub fn abort(mut self) {
         for b in &mut self.branches {
             if let Some(rpc) = b.rpc.take() {
                 rpc.abort();
             }
         }
+    }
+}
+
+impl Drop for Tee {
+    fn drop(&mut self) {
+        // Ends the streams without error (an aborted RPC would be a reset): a forwarded upload
+        // cut off here stays parked on its owners.
+        self.close();
     }
 }
 
@@ -209,6 +254,9 @@ impl Storage {
         // what an owner lacks (or an owner that did not answer) goes on to the next owner: a
         // write may have missed a node that was down, and repair has not caught up yet.
         let mut candidates: Vec<BlobDigest> = ds.iter().filter(|d| !d.is_empty_blob()).copied().collect();
+        // Digests some owner said it lacks; one that no owner could be asked about is not
+        // reported missing (a client would upload it in vain) but fails the call.
+        let mut answered: std::collections::HashSet<BlobDigest> = std::collections::HashSet::new();
         for rank in 0..self.placement.replication_factor {
             if candidates.is_empty() {
                 break;
@@ -223,14 +271,24 @@ impl Storage {
             }
             let checks = by_node.into_values().map(|(o, part)| async move {
                 match self.missing_at(&o, &part).await {
-                    Ok(m) => m,
+                    Ok(m) => (m, true),
                     Err(e) => {
                         tracing::warn!(node = o.id, error = %e, "presence check failed; asking the next owners");
-                        part
+                        (part, false)
                     }
                 }
             });
-            candidates = futures::future::join_all(checks).await.into_iter().flatten().chain(no_owner).collect();
+            candidates = Vec::new();
+            for (m, ok) in futures::future::join_all(checks).await {
+                if ok {
+                    answered.extend(m.iter().copied());
+                }
+                candidates.extend(m);
+            }
+            candidates.extend(no_owner);
+        }
+        if let Some(d) = candidates.iter().find(|d| !answered.contains(d)) {
+            return Err(KilnError::Unavailable(format!("no owner of blob {d} could be asked whether it holds it")));
         }
         let still: std::collections::HashSet<BlobDigest> = candidates.into_iter().collect();
         Ok(ds.into_iter().filter(|d| still.contains(d)).collect())
@@ -276,11 +334,19 @@ impl Storage {
         if blocking(move || local.contains(&dd)).await? {
             return Ok(true);
         }
+        let owners = self.owners(d);
+        // Whether some owner (this node counts) said it lacks the blob: if none could be asked,
+        // its absence is unknown, not established.
+        let mut owner_answered = owners.iter().any(|o| o.id == self.node_id);
         for o in self.fallbacks(d) {
             if o.id == self.node_id {
                 continue;
             }
-            match self.fetch_from(&o, d).await {
+            let r = self.fetch_from(&o, d).await;
+            if matches!(r, Ok(false)) && owners.iter().any(|w| w.id == o.id) {
+                owner_answered = true;
+            }
+            match r {
                 Ok(true) => {
                     // Read-repair: owners that lack it get it back.
                     let this = self.clone();
@@ -295,6 +361,9 @@ impl Storage {
                 Ok(false) => {}
                 Err(e) => tracing::debug!(node = o.id, digest = %d, error = %e, "fetch from peer failed"),
             }
+        }
+        if !owner_answered {
+            return Err(KilnError::Unavailable(format!("no owner of blob {d} could be reached")));
         }
         Ok(false)
     }
@@ -365,14 +434,18 @@ impl Storage {
         Ok(())
     }
 
-    /// A tee of a plain upload of `d` to its owners other than this node, or `None` if there
-    /// are none (a ring of one, or this node the only owner left).
-    pub fn tee(&self, d: &BlobDigest) -> Option<Tee> {
+    /// A tee of a fresh plain upload of `d` (under the client's `upload_key`) to its owners
+    /// other than this node, or `None` if there are none (a ring of one, or this node the only
+    /// owner reachable).
+    pub fn tee(&self, d: &BlobDigest, upload_key: &str) -> Option<Tee> {
         if self.is_alone() {
             return None;
         }
+        let owners = self.owners(d);
+        let self_owner = owners.iter().any(|o| o.id == self.node_id);
+        let others = owners.iter().filter(|o| o.id != self.node_id).count();
         let mut branches = Vec::new();
-        for o in self.owners(d).into_iter().filter(|o| o.id != self.node_id) {
+        for o in owners.into_iter().filter(|o| o.id != self.node_id) {
             let mut client = match self.client(&o) {
                 Ok(c) => c,
                 // Pushed from the local copy after the upload, or repaired, like any write.
@@ -382,17 +455,34 @@ impl Storage {
                 }
             };
             let (tx, rx) = tokio::sync::mpsc::channel::<BlobChunk>(TEE_CHUNKS);
-            let id = o.id;
             let rpc = tokio::spawn(async move {
-                client
-                    .write_blob(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await
-                    .map(|_| ())
-                    .map_err(|s| KilnError::Unavailable(format!("node {id}: {}", s.message())))
+                client.write_blob(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map(|r| r.into_inner().committed_size.max(0) as u64)
             });
             branches.push(TeeBranch { owner: o.id, tx: Some(tx), rpc: Some(rpc) });
         }
-        (!branches.is_empty()).then(|| Tee { digest: *d, first: true, branches })
+        let forwards_only = !self_owner && branches.len() == others;
+        (!branches.is_empty()).then(|| Tee { digest: *d, upload_key: upload_key.to_string(), first: true, forwards_only, branches })
+    }
+
+    /// After a forwarded upload that some owners missed (down during it; `stored` are those
+    /// that took it): keeps a copy here, fetched from one that has it, for this node's next
+    /// repair pass to push to the others once they are back, as for any write that could not
+    /// reach every owner.
+    pub async fn cover_missed_owners(&self, d: &BlobDigest, stored: &[u64]) {
+        let owners = self.owners(d);
+        let missed = owners.iter().filter(|o| o.id != self.node_id && !stored.contains(&o.id)).count();
+        if missed == 0 {
+            return;
+        }
+        let Some(from) = owners.iter().find(|o| stored.contains(&o.id)) else { return };
+        match self.fetch_from(from, d).await {
+            Ok(true) => {
+                self.repair.wanted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(digest = %d, missed, "owners missed a forwarded upload; blob kept here for repair");
+            }
+            Ok(false) => tracing::warn!(digest = %d, node = from.id, "owner lost a blob it just stored"),
+            Err(e) => tracing::warn!(digest = %d, error = %e, "owners missed a forwarded upload; left to their repair passes"),
+        }
     }
 
     async fn push_to(&self, o: &Owner, d: &BlobDigest) -> Result<()> {
@@ -405,7 +495,7 @@ impl Storage {
             use std::io::Read;
             let mut first = true;
             let mut send = |data: Vec<u8>| {
-                let chunk = BlobChunk { version: PEER_VERSION, digest: first.then(|| digest.clone()), data };
+                let chunk = BlobChunk { version: PEER_VERSION, digest: first.then(|| digest.clone()), data, ..Default::default() };
                 first = false;
                 tx.blocking_send(chunk).is_ok()
             };

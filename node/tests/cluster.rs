@@ -225,7 +225,12 @@ async fn any_node_serves_all_and_one_node_may_die() {
 async fn with_two_of_three_down_scheduling_is_refused_and_held_blobs_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start_cluster(dir.path()).await;
-    let blobs: Vec<Vec<u8>> = (0..9).map(|i| pseudo_random(10_000 + i * 1000, 700 + i as u64)).collect();
+    let members: Vec<(u64, std::net::SocketAddr)> = nodes.iter().enumerate().map(|(i, n)| (i as u64 + 1, n.grpc)).collect();
+    // Four blobs node 1 owns and four it does not.
+    let candidates: Vec<Vec<u8>> = (0..400).map(|i| pseudo_random(10_000 + i * 10, 700 + i as u64)).collect();
+    let (mine, others): (Vec<Vec<u8>>, Vec<Vec<u8>>) = candidates.into_iter().partition(|b| owners_of(&sha256(b), &members).contains(&1));
+    assert!(mine.len() >= 4 && others.len() >= 4, "400 blobs fall on both sides: {} and {}", mine.len(), others.len());
+    let blobs: Vec<Vec<u8>> = mine.into_iter().take(4).chain(others.into_iter().take(4)).collect();
     for (i, b) in blobs.iter().enumerate() {
         nodes[0].client.write(&upload_resource("", &format!("s{i}"), &sha256(b)), b).await;
     }
@@ -247,9 +252,21 @@ async fn with_two_of_three_down_scheduling_is_refused_and_held_blobs_are_served(
     };
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(started.elapsed() < Duration::from_secs(40));
-    // The survivor still serves what it holds (it received every upload, as entry node).
-    for b in &blobs {
+    // The survivor still serves the blobs it owns. It kept no copy of the others, which it
+    // forwarded to their owners as they arrived: asked for those, it says their owners cannot be
+    // reached, not that they do not exist.
+    let (mine, others) = blobs.split_at(4);
+    for b in mine {
         assert_eq!(&nodes[0].client.read(&blob_resource("", &sha256(b))).await.unwrap(), b);
+    }
+    for b in others {
+        let e = nodes[0].client.read(&blob_resource("", &sha256(b))).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        let e = ContentAddressableStorageClient::new(nodes[0].client.channel.clone())
+            .find_missing_blobs(FindMissingBlobsRequest { blob_digests: vec![sha256(b)], ..Default::default() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     }
 }
 
@@ -594,10 +611,20 @@ async fn a_streamed_upload_through_a_non_owner_is_on_its_owners_when_acknowledge
         assert!(!holds(&n.client, &od).await, "a node stored bytes that do not match their digest");
     }
 
-    // Cut off half-way (the tee is dropped): the upload resumes on node 1 and reaches the owners.
+    // Cut off half-way: node 1 kept nothing, its owners parked what they got, which every node
+    // reports; the upload resumes through node 1 and reaches the owners.
     let res = upload_resource("", "tee-cut", &od);
     let half = 600_000;
-    bs().write(futures::stream::iter(write_requests(&res, &other[..half], 0, 64 << 10, false))).await.unwrap();
+    let cut = bs().write(futures::stream::iter(write_requests(&res, &other[..half], 0, 64 << 10, false))).await.unwrap().into_inner();
+    assert_eq!(cut.committed_size, half as i64);
+    for n in &nodes {
+        let st = ByteStreamClient::new(n.client.channel.clone())
+            .query_write_status(kiln_proto::bytestream::QueryWriteStatusRequest { resource_name: res.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((st.committed_size, st.complete), (half as i64, false));
+    }
     let committed = bs().write(futures::stream::iter(write_requests(&res, &other, half, 64 << 10, true))).await.unwrap().into_inner().committed_size;
     assert_eq!(committed, other.len() as i64);
     for owner in owners_of(&od, &members) {

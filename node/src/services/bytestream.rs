@@ -26,6 +26,8 @@ use crate::metrics as m;
 use crate::logstream;
 use crate::resource::{parse_read, parse_write, BlobResource};
 use crate::server::NodeState;
+use crate::digest::BlobDigest;
+use crate::storage::Tee;
 
 /// Chunks in flight between the network and the writing thread.
 const WRITE_PIPE_CHUNKS: usize = 16;
@@ -119,6 +121,18 @@ impl ByteStreamService {
             return Ok(WriteResponse { committed_size: full_size(&res) });
         }
         let offset = first.write_offset as u64;
+        // A fresh plain upload goes to the blob's other owners as it arrives; one this node
+        // does not own needs no copy here at all.
+        let mut tee = None;
+        if offset == 0 && !res.compressed {
+            if let Some(t) = self.state.storage.tee(&d, &upload_key) {
+                if t.forwards_only() {
+                    drop(cas.take_upload(&upload_key));
+                    return self.forward_upload(first, stream, t, d, &upload_key).await;
+                }
+                tee = Some(t);
+            }
+        }
         let mut parked = cas.take_upload(&upload_key);
         if parked.is_none() && offset > 0 && !res.compressed {
             // Cut off on another node: continue from what that node received.
@@ -142,8 +156,6 @@ impl ByteStreamService {
                 )));
             }
         };
-        // A fresh plain upload goes to the blob's other owners as it arrives.
-        let mut tee = if state.received == 0 && !res.compressed { self.state.storage.tee(&d) } else { None };
         // A resumed Write may start before the committed size: skip the bytes we already have.
         let mut skip = state.received - offset;
         let mut expected = offset;
@@ -175,18 +187,8 @@ impl ByteStreamService {
         let mut msg = Some(first);
         let mut stream_error: Option<KilnError> = None;
         while let Some(m) = msg.take() {
-            if !m.resource_name.is_empty() && !m.resource_name.starts_with(&upload_key) {
-                stream_error = Some(KilnError::invalid(format!(
-                    "resource_name changed within one Write: {:?}",
-                    m.resource_name
-                )));
-                break;
-            }
-            if m.write_offset as u64 != expected {
-                stream_error = Some(KilnError::invalid(format!(
-                    "write_offset {} does not follow the {} bytes sent so far on this stream (blob {d})",
-                    m.write_offset, expected
-                )));
+            if let Err(e) = check_next(&m, &upload_key, expected, &d) {
+                stream_error = Some(e);
                 break;
             }
             expected += m.data.len() as u64;
@@ -224,14 +226,23 @@ impl ByteStreamService {
             (PipeEnd::Committed(n), _) => {
                 // Acknowledged only once the owners hold it too.
                 let stored = match tee.take() {
-                    Some(t) => t.finish().await,
+                    Some(t) => t.finish().await.stored,
                     None => Vec::new(),
                 };
                 self.state.storage.replicate_except(&d, &stored).await?;
                 Ok(WriteResponse { committed_size: n as i64 })
             }
-            (PipeEnd::Failed(e), _) => Err(e),
+            (PipeEnd::Failed(e), _) => {
+                if let Some(t) = tee.take() {
+                    t.abort();
+                }
+                Err(e)
+            }
             (PipeEnd::Open(s), err) => {
+                // Parked here (or refused): the owners' part is dropped.
+                if let Some(t) = tee.take() {
+                    t.abort();
+                }
                 let received = s.received;
                 if err.is_none() && received > 0 {
                     cas.park_upload(upload_key, s);
@@ -242,6 +253,66 @@ impl ByteStreamService {
                 }
             }
         }
+    }
+
+    /// A fresh plain upload of a blob this node does not own, forwarded to its owners as it
+    /// arrives ([`Tee`]) without a copy here. Acknowledged once an owner has stored it (owners
+    /// that missed it are covered as for any write); cut off, it stays parked on the owners under
+    /// its upload key, for a Write through any node to resume.
+    async fn forward_upload(
+        &self,
+        first: WriteRequest,
+        mut stream: Streaming<WriteRequest>,
+        mut tee: Tee,
+        d: BlobDigest,
+        upload_key: &str,
+    ) -> Result<WriteResponse> {
+        let mut expected = 0u64;
+        let mut finished = false;
+        let mut msg = Some(first);
+        while let Some(m) = msg.take() {
+            if let Err(e) = check_next(&m, upload_key, expected, &d) {
+                tee.abort();
+                return Err(e);
+            }
+            expected += m.data.len() as u64;
+            if expected > d.size {
+                tee.abort();
+                return Err(KilnError::invalid(format!("size mismatch for blob {d}: more than {} bytes were sent", d.size)));
+            }
+            tee.send(&m.data).await;
+            if tee.live() == 0 {
+                break; // every owner answered (stored it, or failed): see below
+            }
+            if m.finish_write {
+                finished = true;
+                break;
+            }
+            match stream.message().await {
+                Ok(Some(next)) => msg = Some(next),
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "write stream broke; upload parked on the owners"),
+            }
+        }
+        if finished && expected != d.size {
+            tee.abort();
+            return Err(KilnError::invalid(format!(
+                "size mismatch for blob {d}: the digest says {} bytes, {expected} were sent",
+                d.size
+            )));
+        }
+        let out = tee.finish().await;
+        if !out.stored.is_empty() {
+            self.state.storage.cover_missed_owners(&d, &out.stored).await;
+            return Ok(WriteResponse { committed_size: d.size as i64 });
+        }
+        if let Some(e) = out.error {
+            return Err(e);
+        }
+        if finished {
+            return Err(KilnError::Unavailable(format!("no owner of blob {d} stored it")));
+        }
+        Ok(WriteResponse { committed_size: out.parked as i64 })
     }
 
     async fn query_write_status(&self, req: QueryWriteStatusRequest) -> Result<QueryWriteStatusResponse> {
@@ -263,6 +334,20 @@ impl ByteStreamService {
         };
         Ok(QueryWriteStatusResponse { committed_size: committed as i64, complete: false })
     }
+}
+
+/// Checks a Write's next message against the stream so far: the same upload, the next offset.
+fn check_next(m: &WriteRequest, upload_key: &str, expected: u64, d: &BlobDigest) -> Result<()> {
+    if !m.resource_name.is_empty() && !m.resource_name.starts_with(upload_key) {
+        return Err(KilnError::invalid(format!("resource_name changed within one Write: {:?}", m.resource_name)));
+    }
+    if m.write_offset as u64 != expected {
+        return Err(KilnError::invalid(format!(
+            "write_offset {} does not follow the {} bytes sent so far on this stream (blob {d})",
+            m.write_offset, expected
+        )));
+    }
+    Ok(())
 }
 
 // ---- Log streams ----------------------------------------------------------------------------

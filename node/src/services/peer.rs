@@ -274,6 +274,7 @@ impl Peer for PeerService {
         let first = s.message().await?.ok_or_else(|| Status::invalid_argument("empty blob stream"))?;
         check_version(first.version)?;
         let d = from_peer_digest(first.digest.as_ref())?;
+        let upload_key = first.upload_key.clone();
         let cas = self.state.cas.clone();
         let present = {
             let cas = cas.clone();
@@ -308,8 +309,21 @@ impl Peer for PeerService {
             }
         };
         drop(tx);
-        let up = writer.await.map_err(|e| Status::internal(format!("blob write task: {e}")))??;
+        let mut up = writer.await.map_err(|e| Status::internal(format!("blob write task: {e}")))??;
         received?;
+        if up.received < d.size && !upload_key.is_empty() {
+            // A client's upload forwarded by the node it sent it to, cut off there: kept for
+            // the client to resume through any node.
+            let received = up.received;
+            up = blocking(move || {
+                let mut up = up;
+                up.settle()?;
+                Ok(up)
+            })
+            .await?;
+            cas.park_upload(upload_key, up);
+            return Ok(Response::new(WriteBlobResponse { committed_size: received as i64 }));
+        }
         blocking(move || up.finish(&cas)).await?;
         Ok(Response::new(WriteBlobResponse { committed_size: d.size as i64 }))
     }
@@ -322,7 +336,7 @@ impl Peer for PeerService {
         let d = from_peer_digest(req.digest.as_ref())?;
         let rx = crate::cas::stream_blob(&self.state.cas, d, 0, 0, false).await?.ok_or(KilnError::BlobNotFound(d))?;
         let s = tokio_stream::wrappers::ReceiverStream::new(rx).map(|c| match c {
-            Ok(b) => Ok(BlobChunk { version: PEER_VERSION, digest: None, data: b.to_vec() }),
+            Ok(b) => Ok(BlobChunk { version: PEER_VERSION, digest: None, data: b.to_vec(), ..Default::default() }),
             Err(e) => Err(Status::from(e)),
         });
         Ok(Response::new(Box::pin(s)))
@@ -366,7 +380,7 @@ impl Peer for PeerService {
                     Ok(0) => return,
                     Ok(n) => {
                         buf.truncate(n);
-                        if tx.blocking_send(Ok(BlobChunk { version: PEER_VERSION, digest: None, data: buf })).is_err() {
+                        if tx.blocking_send(Ok(BlobChunk { version: PEER_VERSION, digest: None, data: buf, ..Default::default() })).is_err() {
                             return;
                         }
                     }
