@@ -66,11 +66,52 @@ fn main() {
         .build();
     tonic_build::manual::Builder::new().build_client(true).build_server(true).compile(&[cal]);
 
+    // google.bytestream.ByteStream's server over the REAPI crate's messages, except that a
+    // Write's requests decode into `crate::bytestream_server::WriteRequest`, whose `data` is a
+    // slice of the buffer the message arrived in rather than a copy of it.
+    const BS: &str = "bazel_remote_apis::google::bytestream";
+    let bytestream = tonic_build::manual::Service::builder()
+        .name("ByteStream")
+        .package("google.bytestream")
+        .method(
+            tonic_build::manual::Method::builder()
+                .name("read")
+                .route_name("Read")
+                .input_type(format!("{BS}::ReadRequest"))
+                .output_type(format!("{BS}::ReadResponse"))
+                .codec_path("tonic_prost::ProstCodec")
+                .server_streaming()
+                .build(),
+        )
+        .method(
+            tonic_build::manual::Method::builder()
+                .name("write")
+                .route_name("Write")
+                .input_type("crate::bytestream_server::WriteRequest")
+                .output_type(format!("{BS}::WriteResponse"))
+                .codec_path("tonic_prost::ProstCodec")
+                .client_streaming()
+                .build(),
+        )
+        .method(
+            tonic_build::manual::Method::builder()
+                .name("query_write_status")
+                .route_name("QueryWriteStatus")
+                .input_type(format!("{BS}::QueryWriteStatusRequest"))
+                .output_type(format!("{BS}::QueryWriteStatusResponse"))
+                .codec_path("tonic_prost::ProstCodec")
+                .build(),
+        )
+        .build();
+    tonic_build::manual::Builder::new().build_client(false).build_server(true).compile(&[bytestream]);
+
     // Kiln's own protocols, compiled without a protoc binary.
     let protos = ["kiln/peer/v1/peer.proto", "kiln/events/v1/events.proto"];
     let fds = protox::compile(protos, ["."]).expect("Kiln's .proto files compile");
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     tonic_prost_build::configure()
+        // A blob chunk passed between nodes shares the buffer it was received into.
+        .bytes(".kiln.peer.v1.BlobChunk.data")
         .file_descriptor_set_path(out.join("kiln_descriptor.bin"))
         .compile_fds(fds)
         .expect("generating Kiln's protocol code");

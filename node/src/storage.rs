@@ -104,14 +104,16 @@ impl Tee {
     }
 
     /// Forwards the next bytes of the upload to every owner still taking them.
-    pub async fn send(&mut self, data: &[u8]) {
-        for piece in data.chunks(PEER_CHUNK) {
+    pub async fn send(&mut self, data: Bytes) {
+        let mut rest = data;
+        while !rest.is_empty() {
+            let piece = rest.split_to(rest.len().min(PEER_CHUNK));
             let digest = self.first.then(|| peer_digest(&self.digest));
             let upload_key = if self.first && self.forwards_only { self.upload_key.clone() } else { String::new() };
             self.first = false;
             for b in &mut self.branches {
                 let Some(tx) = &b.tx else { continue };
-                let chunk = BlobChunk { version: PEER_VERSION, digest: digest.clone(), data: piece.to_vec(), upload_key: upload_key.clone() };
+                let chunk = BlobChunk { version: PEER_VERSION, digest: digest.clone(), data: piece.clone(), upload_key: upload_key.clone() };
                 if tx.send(chunk).await.is_err() {
                     b.tx = None;
                 } else {
@@ -495,7 +497,7 @@ impl Storage {
             use std::io::Read;
             let mut first = true;
             let mut send = |data: Vec<u8>| {
-                let chunk = BlobChunk { version: PEER_VERSION, digest: first.then(|| digest.clone()), data, ..Default::default() };
+                let chunk = BlobChunk { version: PEER_VERSION, digest: first.then(|| digest.clone()), data: data.into(), ..Default::default() };
                 first = false;
                 tx.blocking_send(chunk).is_ok()
             };

@@ -12,10 +12,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
-use kiln_proto::bytestream::byte_stream_server::ByteStream;
-use kiln_proto::bytestream::{
-    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest, WriteResponse,
-};
+use bytes::Bytes;
+use kiln_proto::bytestream::{QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteResponse};
+use kiln_proto::bytestream_server::{ByteStream, WriteRequest};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -45,7 +44,7 @@ impl ByteStreamService {
 type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
 enum PipeMsg {
-    Data(Vec<u8>),
+    Data(Bytes),
     Finish,
 }
 
@@ -165,7 +164,7 @@ impl ByteStreamService {
             while let Some(msg) = rx.blocking_recv() {
                 match msg {
                     PipeMsg::Data(b) => {
-                        if let Err(e) = state.write_owned(b.into()) {
+                        if let Err(e) = state.write_owned(b) {
                             return PipeEnd::Failed(e);
                         }
                     }
@@ -195,11 +194,11 @@ impl ByteStreamService {
             let mut data = m.data;
             if skip > 0 {
                 let s = skip.min(data.len() as u64) as usize;
-                data.drain(..s);
+                bytes::Buf::advance(&mut data, s);
                 skip -= s as u64;
             }
             if let (Some(t), false) = (tee.as_mut(), data.is_empty()) {
-                t.send(&data).await;
+                t.send(data.clone()).await;
             }
             if !data.is_empty() && tx.send(PipeMsg::Data(data)).await.is_err() {
                 break; // the writer failed; its error is collected below
@@ -280,7 +279,7 @@ impl ByteStreamService {
                 tee.abort();
                 return Err(KilnError::invalid(format!("size mismatch for blob {d}: more than {} bytes were sent", d.size)));
             }
-            tee.send(&m.data).await;
+            tee.send(m.data).await;
             if tee.live() == 0 {
                 break; // every owner answered (stored it, or failed): see below
             }

@@ -20,7 +20,7 @@ use std::time::Instant;
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, Limited};
-use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
+use kiln_proto::bytestream_server::ByteStreamServer;
 use kiln_proto::bytestream::ReadRequest;
 use prost::Message;
 use tonic::body::Body;

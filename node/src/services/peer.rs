@@ -289,11 +289,11 @@ impl Peer for PeerService {
         };
         // One blocking thread writes (and a large blob's own thread hashes) while the next
         // chunks arrive.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(PUSH_PIPE_CHUNKS);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(PUSH_PIPE_CHUNKS);
         let writer = tokio::task::spawn_blocking(move || {
             let mut up = up;
             while let Some(chunk) = rx.blocking_recv() {
-                up.write_owned(chunk.into())?;
+                up.write_owned(chunk)?;
             }
             Ok::<_, KilnError>(up)
         });
@@ -336,7 +336,7 @@ impl Peer for PeerService {
         let d = from_peer_digest(req.digest.as_ref())?;
         let rx = crate::cas::stream_blob(&self.state.cas, d, 0, 0, false).await?.ok_or(KilnError::BlobNotFound(d))?;
         let s = tokio_stream::wrappers::ReceiverStream::new(rx).map(|c| match c {
-            Ok(b) => Ok(BlobChunk { version: PEER_VERSION, digest: None, data: b.to_vec(), ..Default::default() }),
+            Ok(b) => Ok(BlobChunk { version: PEER_VERSION, digest: None, data: b, ..Default::default() }),
             Err(e) => Err(Status::from(e)),
         });
         Ok(Response::new(Box::pin(s)))
@@ -380,7 +380,7 @@ impl Peer for PeerService {
                     Ok(0) => return,
                     Ok(n) => {
                         buf.truncate(n);
-                        if tx.blocking_send(Ok(BlobChunk { version: PEER_VERSION, digest: None, data: buf, ..Default::default() })).is_err() {
+                        if tx.blocking_send(Ok(BlobChunk { version: PEER_VERSION, digest: None, data: buf.into(), ..Default::default() })).is_err() {
                             return;
                         }
                     }
