@@ -384,7 +384,7 @@ impl Storage {
         loop {
             match s.message().await {
                 Ok(Some(chunk)) => {
-                    up = tokio::task::spawn_blocking(move || up.write_owned(chunk.data.into()).map(|()| up))
+                    up = tokio::task::spawn_blocking(move || up.write_owned(chunk.data).map(|()| up))
                         .await
                         .map_err(|e| KilnError::Internal(e.to_string()))??;
                 }
@@ -835,7 +835,7 @@ impl Storage {
         let local = self.local.clone();
         let mut up = blocking(move || UploadState::start(&local, d, false)).await?;
         while let Some(chunk) = s.message().await.map_err(|st| KilnError::Unavailable(st.message().to_string()))? {
-            up = tokio::task::spawn_blocking(move || up.write_owned(chunk.data.into()).map(|()| up))
+            up = tokio::task::spawn_blocking(move || up.write_owned(chunk.data).map(|()| up))
                 .await
                 .map_err(|e| KilnError::Internal(e.to_string()))??;
         }
