@@ -9,11 +9,13 @@
 //! - **Writes** reach every owner in parallel. A fresh plain ByteStream upload is forwarded to
 //!   the other owners chunk by chunk as it arrives ([`Tee`]); a node that owns no replica keeps
 //!   no copy of it at all, and one cut off mid-way stays parked on the owners under its upload
-//!   key, where a Write through any node resumes it. Anything else (batches, compressed or
-//!   resumed uploads, an owner the tee could not reach) lands in the local store first (hashed
-//!   and verified while streaming) and is pushed from there. The write is acknowledged once
-//!   every reachable owner has the blob in place, and at least one. A copy on a non-owner stays
-//!   as an evictable cache.
+//!   key, where a Write through any node resumes it. A batch is stored here for the blobs this
+//!   node owns while one `PutBlobs` per other owner carries the rest. Anything else (compressed
+//!   or resumed uploads, blobs an owner could not take) lands in the local store first (hashed
+//!   and verified while streaming) and is pushed from there, and by repair. The write is
+//!   acknowledged once every reachable owner has the blob in place, and at least one. A copy on
+//!   a non-owner (kept for an owner that missed it, or fetched for a read) stays as an
+//!   evictable cache.
 //! - **Reads** use the local copy if any, else fetch from the owners in ring order, then from
 //!   the other members (a blob written before a membership change), into the local store, and
 //!   serve from there; owners found lacking it are repaired.
@@ -551,65 +553,45 @@ impl Storage {
         self.replicate(&d).await
     }
 
-    /// Stores a batch of checked small blobs (one pass on a blocking thread), then replicates
-    /// each to its owners concurrently. One result per blob, in order.
+    /// Stores checked blobs on their owners: those this node owns here, while every blob goes
+    /// to its other owners in one `PutBlobs` per node. A blob this node does not own is kept here
+    /// only if an owner did not take it (down, or too old to serve `PutBlobs`), for the per-blob
+    /// path with its checks and for repair. A blob fails only if no owner holds it. One result
+    /// per blob, in order.
     pub async fn put_checked_many(&self, blobs: Vec<(BlobDigest, Bytes)>) -> Vec<Result<()>> {
-        let local = self.local.clone();
-        let ds: Vec<BlobDigest> = blobs.iter().map(|(d, _)| *d).collect();
-        let datas: Vec<Bytes> = blobs.iter().map(|(_, b)| b.clone()).collect();
         let n = blobs.len();
-        let stored = match blocking(move || Ok(local.put_checked_many(blobs))).await {
-            Ok(v) => v,
-            Err(e) => return (0..n).map(|_| Err(KilnError::Internal(e.to_string()))).collect(),
-        };
         if self.is_alone() {
-            return stored;
+            return self.put_here(blobs).await;
         }
-        self.replicate_many(ds, datas, stored).await
-    }
-
-    /// Replicates blobs just stored here: one `PutBlobs` per owner with all its blobs, then,
-    /// for any blob an owner did not take that way (down, or too old to serve `PutBlobs`), the
-    /// per-blob path with its checks. A blob fails only if no owner holds it.
-    async fn replicate_many(&self, ds: Vec<BlobDigest>, datas: Vec<Bytes>, stored: Vec<Result<()>>) -> Vec<Result<()>> {
-        let mut stored_by: Vec<usize> = vec![0; ds.len()];
-        let mut retry: Vec<bool> = vec![false; ds.len()];
-        let mut by_node: BTreeMap<u64, (Owner, Vec<usize>)> = BTreeMap::new();
-        for (i, d) in ds.iter().enumerate() {
-            if stored[i].is_err() || d.is_empty_blob() {
-                continue;
-            }
-            for o in self.owners(d) {
-                if o.id == self.node_id {
-                    stored_by[i] += 1;
-                } else {
-                    by_node.entry(o.id).or_insert_with(|| (o, Vec::new())).1.push(i);
-                }
-            }
-        }
-        let puts = by_node.into_values().map(|(o, idx)| {
-            let blobs: Vec<WholeBlob> = idx.iter().map(|&i| WholeBlob { digest: Some(peer_digest(&ds[i])), data: datas[i].to_vec() }).collect();
-            async move {
-                let req = PutBlobsRequest { version: PEER_VERSION, blobs };
-                match self.client(&o) {
-                    Ok(mut c) => match c.put_blobs(req).await {
-                        Ok(r) => idx.into_iter().zip(r.into_inner().errors.into_iter().map(|e| e.is_empty()).chain(std::iter::repeat(false))).collect::<Vec<(usize, bool)>>(),
-                        Err(e) => {
-                            tracing::debug!(node = o.id, error = %e, "batched replica write failed; writing one by one");
-                            idx.into_iter().map(|i| (i, false)).collect()
-                        }
-                    },
-                    Err(_) => idx.into_iter().map(|i| (i, false)).collect(),
-                }
-            }
-        });
-        for (i, ok) in futures::future::join_all(puts).await.into_iter().flatten() {
-            if ok {
-                stored_by[i] += 1;
+        let mine: Vec<bool> = blobs.iter().map(|(d, _)| self.owners(d).iter().any(|o| o.id == self.node_id)).collect();
+        let ds: Vec<BlobDigest> = blobs.iter().map(|(d, _)| *d).collect();
+        let here: Vec<(BlobDigest, Bytes)> = blobs.iter().zip(&mine).filter(|(_, m)| **m).map(|(b, _)| b.clone()).collect();
+        let (stored_here, remote) = futures::future::join(self.put_here(here), self.put_to_other_owners(&blobs)).await;
+        let mut stored_here = stored_here.into_iter();
+        let mut stored: Vec<Result<()>> = Vec::with_capacity(n);
+        let mut stored_by: Vec<usize> = Vec::with_capacity(n);
+        let mut fallback = Vec::new();
+        for i in 0..n {
+            let (taken, retry) = remote[i];
+            if mine[i] {
+                let r = stored_here.next().unwrap_or_else(|| Err(KilnError::Internal("blob result missing".into())));
+                stored_by.push(taken + usize::from(r.is_ok()));
+                stored.push(r);
             } else {
-                retry[i] = true;
+                if (taken == 0 || retry) && !ds[i].is_empty_blob() {
+                    fallback.push(i);
+                }
+                stored_by.push(taken);
+                stored.push(Ok(()));
             }
         }
+        if !fallback.is_empty() {
+            let kept = self.put_here(fallback.iter().map(|&i| blobs[i].clone()).collect()).await;
+            for (i, r) in fallback.into_iter().zip(kept) {
+                stored[i] = r;
+            }
+        }
+        let retry: Vec<bool> = remote.iter().map(|(_, r)| *r).collect();
         let this = self.clone();
         futures::stream::iter(ds.into_iter().zip(stored).zip(stored_by.into_iter().zip(retry)).map(move |((d, r), (n, again))| {
             let this = this.clone();
@@ -628,6 +610,58 @@ impl Storage {
         .buffered(16)
         .collect::<Vec<_>>()
         .await
+    }
+
+    /// Stores checked blobs in the local store, on a blocking thread.
+    async fn put_here(&self, blobs: Vec<(BlobDigest, Bytes)>) -> Vec<Result<()>> {
+        let n = blobs.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let local = self.local.clone();
+        match blocking(move || Ok(local.put_checked_many(blobs))).await {
+            Ok(v) => v,
+            Err(e) => (0..n).map(|_| Err(KilnError::Internal(e.to_string()))).collect(),
+        }
+    }
+
+    /// Sends each blob to its owners other than this node, one `PutBlobs` per node, all at once.
+    /// Per blob: how many took it, and whether one did not.
+    async fn put_to_other_owners(&self, blobs: &[(BlobDigest, Bytes)]) -> Vec<(usize, bool)> {
+        let mut out = vec![(0usize, false); blobs.len()];
+        let mut by_node: BTreeMap<u64, (Owner, Vec<usize>)> = BTreeMap::new();
+        for (i, (d, _)) in blobs.iter().enumerate() {
+            if d.is_empty_blob() {
+                continue;
+            }
+            for o in self.owners(d).into_iter().filter(|o| o.id != self.node_id) {
+                by_node.entry(o.id).or_insert_with(|| (o, Vec::new())).1.push(i);
+            }
+        }
+        let puts = by_node.into_values().map(|(o, idx)| {
+            let wire: Vec<WholeBlob> = idx.iter().map(|&i| WholeBlob { digest: Some(peer_digest(&blobs[i].0)), data: blobs[i].1.to_vec() }).collect();
+            async move {
+                let req = PutBlobsRequest { version: PEER_VERSION, blobs: wire };
+                match self.client(&o) {
+                    Ok(mut c) => match c.put_blobs(req).await {
+                        Ok(r) => idx.into_iter().zip(r.into_inner().errors.into_iter().map(|e| e.is_empty()).chain(std::iter::repeat(false))).collect::<Vec<(usize, bool)>>(),
+                        Err(e) => {
+                            tracing::debug!(node = o.id, error = %e, "batched replica write failed; writing one by one");
+                            idx.into_iter().map(|i| (i, false)).collect()
+                        }
+                    },
+                    Err(_) => idx.into_iter().map(|i| (i, false)).collect(),
+                }
+            }
+        });
+        for (i, ok) in futures::future::join_all(puts).await.into_iter().flatten() {
+            if ok {
+                out[i].0 += 1;
+            } else {
+                out[i].1 = true;
+            }
+        }
+        out
     }
 
     /// Whole small blobs: those held here in one pass on a blocking thread, the others from

@@ -334,10 +334,24 @@ async fn repair_restores_replicas_and_membership_changes_move_blobs() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     // Node 3 is down while blobs are written: its share is acknowledged by the other owners.
     nodes[2].proc.take().unwrap().kill9();
-    let blobs: Vec<Vec<u8>> = (0..16).map(|i| pseudo_random(4_000 + i * 100, 3100 + i as u64)).collect();
+    let mut blobs: Vec<Vec<u8>> = (0..16).map(|i| pseudo_random(4_000 + i * 100, 3100 + i as u64)).collect();
     for (i, b) in blobs.iter().enumerate() {
         nodes[0].client.write(&upload_resource("", &format!("h{i}"), &sha256(b)), b).await;
     }
+    // And a batch: node 1 keeps the blobs node 3 was to hold, for its repair pass to push.
+    let batch: Vec<Vec<u8>> = (0..16).map(|i| pseudo_random(2_000 + i * 100, 3200 + i as u64)).collect();
+    let requests = batch
+        .iter()
+        .map(|b| kiln_proto::reapi::batch_update_blobs_request::Request { digest: Some(sha256(b)), data: b.clone(), compressor: 0 })
+        .collect();
+    let resp = ContentAddressableStorageClient::new(nodes[0].client.channel.clone())
+        .batch_update_blobs(kiln_proto::reapi::BatchUpdateBlobsRequest { requests, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.responses.iter().all(|r| r.status.as_ref().is_some_and(|s| s.code == 0)), "{resp:?}");
+    assert!(batch.iter().any(|b| owners_of(&sha256(b), &members) == [2, 3] || owners_of(&sha256(b), &members) == [3, 2]), "a blob of nodes 2 and 3 only");
+    blobs.extend(batch);
     // And a build-event stream node 3 is an owner of: its events land on the two nodes up.
     let ring = kiln_node::placement::Ring::new(1, members.iter().map(|(id, a)| (*id, a.to_string())).collect());
     let build = (0..).map(|i| format!("repair-{i}")).find(|b| ring.owners(format!("{b}.3.inv").as_bytes(), 2).iter().any(|o| o.id == 3)).unwrap();
