@@ -9,10 +9,11 @@
 //! - **Writes** reach every owner in parallel. A fresh plain ByteStream upload is forwarded to
 //!   the other owners chunk by chunk as it arrives ([`Tee`]); a node that owns no replica keeps
 //!   no copy of it at all, and one cut off mid-way stays parked on the owners under its upload
-//!   key, where a Write through any node resumes it. A batch is stored here for the blobs this
-//!   node owns while one `PutBlobs` per other owner carries the rest. Anything else (compressed
-//!   or resumed uploads, blobs an owner could not take) lands in the local store first (hashed
-//!   and verified while streaming) and is pushed from there, and by repair. The write is
+//!   key, where a Write through any node resumes it. A batch (small blobs: what an action is
+//!   made of, which its worker may read through the same node) is stored here while one
+//!   `PutBlobs` per other owner carries it. Anything else (compressed or resumed uploads, blobs
+//!   an owner could not take) lands in the local store first (hashed and verified while
+//!   streaming) and is pushed from there, and by repair. The write is
 //!   acknowledged once every reachable owner has the blob in place, and at least one. A copy on
 //!   a non-owner (kept for an owner that missed it, or fetched for a read) stays as an
 //!   evictable cache.
@@ -553,11 +554,12 @@ impl Storage {
         self.replicate(&d).await
     }
 
-    /// Stores checked blobs on their owners: those this node owns here, while every blob goes
-    /// to its other owners in one `PutBlobs` per node. A blob this node does not own is kept here
-    /// only if an owner did not take it (down, or too old to serve `PutBlobs`), for the per-blob
-    /// path with its checks and for repair. A blob fails only if no owner holds it. One result
-    /// per blob, in order.
+    /// Stores checked blobs here while every blob goes to its other owners in one `PutBlobs`
+    /// per node. This node keeps a copy of the blobs it does not own too: batches carry the
+    /// small blobs an action is made of, and a worker often reads them through the node its
+    /// client wrote to; the copy also serves the per-blob path (with its checks) and repair for
+    /// an owner that did not take a blob (down, or too old to serve `PutBlobs`). A blob fails
+    /// only if no owner holds it. One result per blob, in order.
     pub async fn put_checked_many(&self, blobs: Vec<(BlobDigest, Bytes)>) -> Vec<Result<()>> {
         let n = blobs.len();
         if self.is_alone() {
@@ -565,30 +567,18 @@ impl Storage {
         }
         let mine: Vec<bool> = blobs.iter().map(|(d, _)| self.owners(d).iter().any(|o| o.id == self.node_id)).collect();
         let ds: Vec<BlobDigest> = blobs.iter().map(|(d, _)| *d).collect();
-        let here: Vec<(BlobDigest, Bytes)> = blobs.iter().zip(&mine).filter(|(_, m)| **m).map(|(b, _)| b.clone()).collect();
-        let (stored_here, remote) = futures::future::join(self.put_here(here), self.put_to_other_owners(&blobs)).await;
-        let mut stored_here = stored_here.into_iter();
+        let (here, remote) = futures::future::join(self.put_here(blobs.clone()), self.put_to_other_owners(&blobs)).await;
         let mut stored: Vec<Result<()>> = Vec::with_capacity(n);
         let mut stored_by: Vec<usize> = Vec::with_capacity(n);
-        let mut fallback = Vec::new();
-        for i in 0..n {
+        for (i, local) in here.into_iter().enumerate() {
             let (taken, retry) = remote[i];
             if mine[i] {
-                let r = stored_here.next().unwrap_or_else(|| Err(KilnError::Internal("blob result missing".into())));
-                stored_by.push(taken + usize::from(r.is_ok()));
-                stored.push(r);
+                stored_by.push(taken + usize::from(local.is_ok()));
+                stored.push(local);
             } else {
-                if (taken == 0 || retry) && !ds[i].is_empty_blob() {
-                    fallback.push(i);
-                }
                 stored_by.push(taken);
-                stored.push(Ok(()));
-            }
-        }
-        if !fallback.is_empty() {
-            let kept = self.put_here(fallback.iter().map(|&i| blobs[i].clone()).collect()).await;
-            for (i, r) in fallback.into_iter().zip(kept) {
-                stored[i] = r;
+                // The copy here matters only if an owner missed the blob.
+                stored.push(if taken > 0 && !retry { Ok(()) } else { local });
             }
         }
         let retry: Vec<bool> = remote.iter().map(|(_, r)| *r).collect();
