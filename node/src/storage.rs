@@ -19,7 +19,8 @@
 //!   evictable cache.
 //! - **Reads** use the local copy if any, else fetch from the owners in ring order, then from
 //!   the other members (a blob written before a membership change), into the local store, and
-//!   serve from there; owners found lacking it are repaired.
+//!   serve from there; owners found lacking it are repaired. A whole read of a large blob is
+//!   relayed from an owner as it streams instead ([`Storage::relay_read`]).
 //! - **FindMissingBlobs** groups digests by primary owner, one call per node, in parallel; what
 //!   a primary lacks or cannot answer is asked of the next owner.
 //! - **Action Cache** entries go to every owner; a get returns the first owner's entry, and only
@@ -55,8 +56,12 @@ use crate::services::peer::{from_peer_digest, peer_digest};
 
 /// Chunk size of blob pushes between nodes.
 const PEER_CHUNK: usize = 1 << 20;
-/// Chunks queued per owner of a [`Tee`]: bounds what a slow owner makes this node hold.
+/// Chunks queued per owner of a [`Tee`] (or per relayed read): bounds what a slow peer makes
+/// this node hold.
 const TEE_CHUNKS: usize = 4;
+/// Whole reads of blobs at least this large that this node does not hold are relayed from an
+/// owner rather than fetched into the local store first.
+const RELAY_READ_ABOVE: u64 = 4 << 20;
 /// A result referencing more blobs than this is refused (it could not be checked quickly).
 const MAX_REFERENCED_BLOBS: usize = 100_000;
 
@@ -371,6 +376,58 @@ impl Storage {
             return Err(KilnError::Unavailable(format!("no owner of blob {d} could be reached")));
         }
         Ok(false)
+    }
+
+    /// A whole-blob read of a large blob this node does not hold, relayed from an owner as it
+    /// streams (`None`: held here, small, or no owner answered; the caller then fetches it into
+    /// the local store and serves it from there). The owner verified the blob when it stored
+    /// it; the relay checks its size. Nothing is kept here: a large blob read through a node
+    /// that does not own it would otherwise be written there first, then read.
+    pub async fn relay_read(&self, d: &BlobDigest) -> Result<Option<crate::cas::BlobChunks>> {
+        if self.is_alone() || d.size < RELAY_READ_ABOVE {
+            return Ok(None);
+        }
+        let local = self.local.clone();
+        let dd = *d;
+        if blocking(move || local.contains(&dd)).await? {
+            return Ok(None);
+        }
+        for o in self.owners(d).into_iter().filter(|o| o.id != self.node_id) {
+            let Ok(mut client) = self.client(&o) else { continue };
+            let mut s = match client.read_blob(ReadBlobRequest { version: PEER_VERSION, digest: Some(peer_digest(d)) }).await {
+                Ok(r) => r.into_inner(),
+                Err(st) => {
+                    tracing::debug!(node = o.id, digest = %d, error = %st, "relayed read refused; asking the next owner");
+                    continue;
+                }
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(TEE_CHUNKS);
+            let (dd, id) = (*d, o.id);
+            tokio::spawn(async move {
+                let mut sent = 0u64;
+                loop {
+                    let item = match s.message().await {
+                        Ok(Some(c)) => {
+                            sent += c.data.len() as u64;
+                            if sent > dd.size {
+                                Err(KilnError::Internal(format!("node {id} sent more than the {} bytes of blob {dd}", dd.size)))
+                            } else {
+                                Ok(c.data)
+                            }
+                        }
+                        Ok(None) if sent == dd.size => return,
+                        Ok(None) => Err(KilnError::Unavailable(format!("node {id} ended blob {dd} after {sent} of {} bytes", dd.size))),
+                        Err(st) => Err(KilnError::Unavailable(format!("node {id}, reading blob {dd}: {}", st.message()))),
+                    };
+                    let failed = item.is_err();
+                    if tx.send(item).await.is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            return Ok(Some(rx));
+        }
+        Ok(None)
     }
 
     /// Streams `d` from node `o` into the local store (verified on the way).

@@ -588,7 +588,7 @@ async fn a_streamed_upload_through_a_non_owner_is_on_its_owners_when_acknowledge
             .find(|b| !owners_of(&sha256(b), &members).contains(&1))
             .expect("one of 64 blobs is not node 1's")
     };
-    let data = foreign(3 << 20, 9100);
+    let data = foreign(5 << 20, 9100);
     let d = sha256(&data);
     let res = upload_resource("", "tee-upload", &d);
     let bs = || ByteStreamClient::new(nodes[0].client.channel.clone());
@@ -610,6 +610,10 @@ async fn a_streamed_upload_through_a_non_owner_is_on_its_owners_when_acknowledge
         .parse()
         .unwrap();
     assert_eq!(teed, 2.0 * data.len() as f64);
+    // Read back through node 1: relayed from an owner as it streams, not stored there first.
+    assert!(!holds(&nodes[0].client, &d).await);
+    assert_eq!(nodes[0].client.read(&blob_resource("", &d)).await.unwrap(), data);
+    assert!(!holds(&nodes[0].client, &d).await, "node 1 stored a blob it only relayed");
 
     // Bytes that do not hash to their digest: refused, and stored by no node.
     let other = foreign(1 << 20, 9300);

@@ -80,7 +80,13 @@ impl ByteStreamService {
         if req.read_limit < 0 {
             return Err(KilnError::invalid(format!("read_limit {} is negative (blob {d})", req.read_limit)));
         }
-        // A blob this node does not hold is fetched from its owners first.
+        // A large blob this node does not hold, read whole, is relayed from an owner; any other
+        // is fetched from its owners first.
+        if req.read_offset == 0 && req.read_limit == 0 && !res.compressed {
+            if let Some(chunks) = self.state.storage.relay_read(&d).await? {
+                return Ok(chunks);
+            }
+        }
         if !self.state.storage.ensure_local(&d).await? {
             return Err(KilnError::BlobNotFound(d));
         }
