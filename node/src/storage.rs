@@ -264,9 +264,9 @@ impl Storage {
         // what an owner lacks (or an owner that did not answer) goes on to the next owner: a
         // write may have missed a node that was down, and repair has not caught up yet.
         let mut candidates: Vec<BlobDigest> = ds.iter().filter(|d| !d.is_empty_blob()).copied().collect();
-        // Digests some owner said it lacks; one that no owner could be asked about is not
-        // reported missing (a client would upload it in vain) but fails the call.
-        let mut answered: std::collections::HashSet<BlobDigest> = std::collections::HashSet::new();
+        // Digests no owner has answered for yet (usually none): one that no owner could be asked
+        // about is not reported missing (a client would upload it in vain) but fails the call.
+        let mut unanswered: std::collections::HashSet<BlobDigest> = std::collections::HashSet::new();
         for rank in 0..self.placement.replication_factor {
             if candidates.is_empty() {
                 break;
@@ -281,23 +281,31 @@ impl Storage {
             }
             let checks = by_node.into_values().map(|(o, part)| async move {
                 match self.missing_at(&o, &part).await {
-                    Ok(m) => (m, true),
+                    Ok(m) => (m, Some(part)),
                     Err(e) => {
                         tracing::warn!(node = o.id, error = %e, "presence check failed; asking the next owners");
-                        (part, false)
+                        (part, None)
                     }
                 }
             });
             candidates = Vec::new();
-            for (m, ok) in futures::future::join_all(checks).await {
-                if ok {
-                    answered.extend(m.iter().copied());
+            for (m, asked) in futures::future::join_all(checks).await {
+                match asked {
+                    Some(part) if !unanswered.is_empty() => part.iter().for_each(|d| {
+                        unanswered.remove(d);
+                    }),
+                    Some(_) => {}
+                    None if rank == 0 => unanswered.extend(m.iter().copied()),
+                    None => {}
                 }
                 candidates.extend(m);
             }
+            if rank == 0 {
+                unanswered.extend(no_owner.iter().copied());
+            }
             candidates.extend(no_owner);
         }
-        if let Some(d) = candidates.iter().find(|d| !answered.contains(d)) {
+        if let Some(d) = unanswered.iter().next() {
             return Err(KilnError::Unavailable(format!("no owner of blob {d} could be asked whether it holds it")));
         }
         let still: std::collections::HashSet<BlobDigest> = candidates.into_iter().collect();
@@ -339,11 +347,18 @@ impl Storage {
     /// Makes sure the blob is in the local store, fetching it from the owners (then the other
     /// members) if needed. False if no node has it.
     pub async fn ensure_local(&self, d: &BlobDigest) -> Result<bool> {
+        Ok(self.holds_here(d).await? || self.fetch_here(d).await?)
+    }
+
+    /// Whether the local store holds `d`.
+    pub async fn holds_here(&self, d: &BlobDigest) -> Result<bool> {
         let local = self.local.clone();
         let dd = *d;
-        if blocking(move || local.contains(&dd)).await? {
-            return Ok(true);
-        }
+        blocking(move || local.contains(&dd)).await
+    }
+
+    /// The fetching half of [`Self::ensure_local`], for a blob the local store lacks.
+    pub async fn fetch_here(&self, d: &BlobDigest) -> Result<bool> {
         let owners = self.owners(d);
         // Whether some owner (this node counts) said it lacks the blob: if none could be asked,
         // its absence is unknown, not established.
@@ -378,18 +393,13 @@ impl Storage {
         Ok(false)
     }
 
-    /// A whole-blob read of a large blob this node does not hold, relayed from an owner as it
-    /// streams (`None`: held here, small, or no owner answered; the caller then fetches it into
-    /// the local store and serves it from there). The owner verified the blob when it stored
+    /// A whole-blob read of a large blob this node does not hold (the caller checked), relayed
+    /// from an owner as it streams (`None`: small, or no owner answered; the caller then fetches
+    /// it into the local store and serves it from there). The owner verified the blob when it stored
     /// it; the relay checks its size. Nothing is kept here: a large blob read through a node
     /// that does not own it would otherwise be written there first, then read.
     pub async fn relay_read(&self, d: &BlobDigest) -> Result<Option<crate::cas::BlobChunks>> {
         if self.is_alone() || d.size < RELAY_READ_ABOVE {
-            return Ok(None);
-        }
-        let local = self.local.clone();
-        let dd = *d;
-        if blocking(move || local.contains(&dd)).await? {
             return Ok(None);
         }
         for o in self.owners(d).into_iter().filter(|o| o.id != self.node_id) {
@@ -622,9 +632,10 @@ impl Storage {
         if self.is_alone() {
             return self.put_here(blobs).await;
         }
-        let mine: Vec<bool> = blobs.iter().map(|(d, _)| self.owners(d).iter().any(|o| o.id == self.node_id)).collect();
+        let owners: Vec<Vec<Owner>> = blobs.iter().map(|(d, _)| self.owners(d)).collect();
+        let mine: Vec<bool> = owners.iter().map(|os| os.iter().any(|o| o.id == self.node_id)).collect();
         let ds: Vec<BlobDigest> = blobs.iter().map(|(d, _)| *d).collect();
-        let (here, remote) = futures::future::join(self.put_here(blobs.clone()), self.put_to_other_owners(&blobs)).await;
+        let (here, remote) = futures::future::join(self.put_here(blobs.clone()), self.put_to_other_owners(&blobs, owners)).await;
         let mut stored: Vec<Result<()>> = Vec::with_capacity(n);
         let mut stored_by: Vec<usize> = Vec::with_capacity(n);
         for (i, local) in here.into_iter().enumerate() {
@@ -672,16 +683,16 @@ impl Storage {
         }
     }
 
-    /// Sends each blob to its owners other than this node, one `PutBlobs` per node, all at once.
-    /// Per blob: how many took it, and whether one did not.
-    async fn put_to_other_owners(&self, blobs: &[(BlobDigest, Bytes)]) -> Vec<(usize, bool)> {
+    /// Sends each blob to its owners (`owners[i]` for `blobs[i]`) other than this node, one
+    /// `PutBlobs` per node, all at once. Per blob: how many took it, and whether one did not.
+    async fn put_to_other_owners(&self, blobs: &[(BlobDigest, Bytes)], owners: Vec<Vec<Owner>>) -> Vec<(usize, bool)> {
         let mut out = vec![(0usize, false); blobs.len()];
         let mut by_node: BTreeMap<u64, (Owner, Vec<usize>)> = BTreeMap::new();
-        for (i, (d, _)) in blobs.iter().enumerate() {
+        for (i, ((d, _), os)) in blobs.iter().zip(owners).enumerate() {
             if d.is_empty_blob() {
                 continue;
             }
-            for o in self.owners(d).into_iter().filter(|o| o.id != self.node_id) {
+            for o in os.into_iter().filter(|o| o.id != self.node_id) {
                 by_node.entry(o.id).or_insert_with(|| (o, Vec::new())).1.push(i);
             }
         }

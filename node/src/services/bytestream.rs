@@ -82,13 +82,17 @@ impl ByteStreamService {
         }
         // A large blob this node does not hold, read whole, is relayed from an owner; any other
         // is fetched from its owners first.
-        if req.read_offset == 0 && req.read_limit == 0 && !res.compressed {
-            if let Some(chunks) = self.state.storage.relay_read(&d).await? {
-                return Ok(chunks);
+        let storage = &self.state.storage;
+        if !storage.holds_here(&d).await? {
+            let whole = req.read_offset == 0 && req.read_limit == 0 && !res.compressed;
+            if whole {
+                if let Some(chunks) = storage.relay_read(&d).await? {
+                    return Ok(chunks);
+                }
             }
-        }
-        if !self.state.storage.ensure_local(&d).await? {
-            return Err(KilnError::BlobNotFound(d));
+            if !storage.fetch_here(&d).await? {
+                return Err(KilnError::BlobNotFound(d));
+            }
         }
         stream_blob(&self.state.cas, d, req.read_offset as u64, req.read_limit as u64, res.compressed)
             .await?
