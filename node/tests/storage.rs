@@ -340,3 +340,46 @@ fn packed_blobs_read_right_after_their_records_move_or_are_dropped() {
     let missing = store.find_missing(&digests).unwrap();
     assert_eq!(missing.len(), 200);
 }
+
+/// Above 95 % of its limit a store evicts in the background, down to 90 %, so writes do not
+/// wait for it; what goes are the blobs least recently used, by the index's access times.
+#[test]
+fn a_store_past_its_high_watermark_evicts_the_least_recently_used_in_the_background() {
+    use kiln_node::cas::BlobStore;
+    use kiln_node::digest::DigestFunction;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.storage.memory_tier_bytes = 0;
+    cfg.storage.protect_window_secs = 0;
+    cfg.storage.max_size_bytes = 1000 * 4096;
+    let blobs: Vec<Vec<u8>> = (0..960).map(|i| pseudo_random(4096, 5000 + i as u64)).collect();
+    let digests: Vec<_> = blobs.iter().map(|b| DigestFunction::Sha256.digest_of(b)).collect();
+    let store = BlobStore::open(&cfg, &open_index(dir.path())).unwrap();
+    for (n, (bs, ds)) in blobs.chunks(10).zip(digests.chunks(10)).enumerate() {
+        let batch = ds.iter().zip(bs).map(|(d, b)| (*d, b.clone().into())).collect();
+        assert!(store.put_checked_many(batch).iter().all(|r| r.is_ok()), "batch {n}");
+        if n == 93 {
+            // 94 % of the limit: nothing goes yet.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            assert_eq!(store.stored_bytes(), 940 * 4096, "evicted below the high watermark");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    // 960 blobs are 96 % of the limit: no write needed room, a background pass makes it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.stored_bytes() > 900 * 4096 {
+        assert!(std::time::Instant::now() < deadline, "still {} bytes stored", store.stored_bytes());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let missing = store.find_missing(&digests).unwrap();
+    assert!(missing.len() >= 60 && missing.len() < 200, "{} evicted", missing.len());
+    // Blobs of one batch share their access time: whole batches older than the kept ones went.
+    let batch_of = |d: &kiln_node::digest::BlobDigest| digests.iter().position(|x| x == d).unwrap() / 10;
+    let newest_gone = missing.iter().map(batch_of).max().unwrap();
+    let oldest_kept = digests.iter().filter(|d| !missing.contains(d)).map(batch_of).min().unwrap();
+    assert!(newest_gone <= oldest_kept, "batch {newest_gone} evicted while batch {oldest_kept} kept");
+    assert!(missing.iter().map(batch_of).filter(|&b| b < newest_gone).count() == newest_gone * 10, "every older batch went whole");
+    for (d, b) in digests.iter().zip(&blobs).filter(|(d, _)| !missing.contains(d)) {
+        assert_eq!(&store.read_all(d).unwrap().unwrap()[..], &b[..]);
+    }
+}
