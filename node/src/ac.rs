@@ -74,6 +74,12 @@ impl ActionCacheStore {
         self.put(instance, action, &r)
     }
 
+    /// [`Self::store_raw`] for async callers, as [`Self::put_async`].
+    pub async fn store_raw_async(&self, instance: &str, action: &BlobDigest, bytes: &[u8]) -> Result<()> {
+        let r = ActionResult::decode(bytes).map_err(|e| KilnError::invalid(format!("action result replica of {action} does not decode: {e}")))?;
+        self.put_async(instance, action, &r).await
+    }
+
     pub fn put(&self, instance: &str, action: &BlobDigest, result: &ActionResult) -> Result<()> {
         if self.insert(instance, action, result)? {
             return Ok(());

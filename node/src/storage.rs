@@ -352,9 +352,8 @@ impl Storage {
 
     /// Whether the local store holds `d`.
     pub async fn holds_here(&self, d: &BlobDigest) -> Result<bool> {
-        let local = self.local.clone();
-        let dd = *d;
-        blocking(move || local.contains(&dd)).await
+        // One index read at most: in place, like small presence checks.
+        self.local.contains(d)
     }
 
     /// The fetching half of [`Self::ensure_local`], for a blob the local store lacks.
@@ -725,16 +724,21 @@ impl Storage {
     /// Whole small blobs: those held here in one pass on a blocking thread, the others from
     /// wherever they are. One result per digest, in order.
     pub async fn read_small_many(&self, ds: Vec<BlobDigest>) -> Vec<Result<Option<Bytes>>> {
-        let local = self.local.clone();
-        let wanted = ds.clone();
-        let first = blocking(move || {
-            Ok(wanted.iter().map(|d| if d.is_empty_blob() { Ok(Some(Bytes::new())) } else { local.read_all(d) }).collect::<Vec<_>>())
-        })
-        .await;
-        let first = match first {
-            Ok(v) => v,
-            Err(e) => return ds.iter().map(|_| Err(KilnError::Internal(e.to_string()))).collect(),
-        };
+        // From memory first; only the rest takes a blocking thread.
+        let mut first: Vec<Result<Option<Bytes>>> = ds.iter().map(|d| Ok(self.local.read_cached(d))).collect();
+        let rest: Vec<usize> = first.iter().enumerate().filter(|(_, r)| matches!(r, Ok(None))).map(|(i, _)| i).collect();
+        if !rest.is_empty() {
+            let local = self.local.clone();
+            let wanted: Vec<BlobDigest> = rest.iter().map(|&i| ds[i]).collect();
+            match blocking(move || Ok(wanted.iter().map(|d| local.read_all(d)).collect::<Vec<_>>())).await {
+                Ok(v) => {
+                    for (i, r) in rest.into_iter().zip(v) {
+                        first[i] = r;
+                    }
+                }
+                Err(e) => return ds.iter().map(|_| Err(KilnError::Internal(e.to_string()))).collect(),
+            }
+        }
         if self.is_alone() {
             return first;
         }
@@ -800,6 +804,9 @@ impl Storage {
 
     /// A whole small blob, from wherever it is.
     pub async fn read_small(&self, d: &BlobDigest) -> Result<Option<Bytes>> {
+        if let Some(b) = self.local.read_cached(d) {
+            return Ok(Some(b));
+        }
         if !d.is_empty_blob() && !self.ensure_local(d).await? {
             return Ok(None);
         }

@@ -478,6 +478,26 @@ impl BlobStore {
         self.contains_uncached(d, now)
     }
 
+    /// Whether `d` is stored, from memory alone: true if the presence cache vouches for it
+    /// (then it needs no touch either), false if that takes the index. Never blocks, so an
+    /// async caller may try it before handing [`Self::contains`] to a blocking thread.
+    pub fn contains_cached(&self, d: &BlobDigest) -> bool {
+        d.is_empty_blob() || self.0.presence.read().peek(&d.key()).is_some_and(|c| self.cached_present(&c, d, now_ms()))
+    }
+
+    /// A small blob's bytes from memory alone: the memory tier's copy, if the presence cache
+    /// vouches for the blob (as [`Self::open_blob`] takes it then, without the index).
+    /// Never blocks.
+    pub fn read_cached(&self, d: &BlobDigest) -> Option<Bytes> {
+        if d.is_empty_blob() {
+            return Some(Bytes::new());
+        }
+        if !self.contains_cached(d) {
+            return None;
+        }
+        self.0.memory.lock().get(&d.key()).filter(|b| b.len() as u64 == d.size)
+    }
+
     /// Whether a presence cache entry vouches for `d` at `now`: same
     /// size, touched within the touch granularity (so inside the protect window).
     fn cached_present(&self, seen: &Seen, d: &BlobDigest, now: u64) -> bool {

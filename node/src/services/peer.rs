@@ -398,9 +398,8 @@ impl Peer for PeerService {
         let key = request.into_inner();
         check_version(key.version)?;
         let d = from_peer_digest(key.action.as_ref())?;
-        let ac = self.state.ac.clone();
-        let instance = key.instance_name.clone();
-        let found = blocking(move || ac.load_raw(&instance, &d)).await?;
+        // One index read: in place, as for the node's own lookups (`Storage::ac_load_from`).
+        let found = self.state.ac.load_raw(&key.instance_name, &d)?;
         Ok(Response::new(ActionResultEntry {
             version: PEER_VERSION,
             found: found.is_some(),
@@ -414,9 +413,9 @@ impl Peer for PeerService {
         check_version(e.version)?;
         let key = e.key.clone().ok_or_else(|| Status::invalid_argument("entry has no key"))?;
         let d = from_peer_digest(key.action.as_ref())?;
-        let ac = self.state.ac.clone();
-        let bytes = e.action_result.clone();
-        blocking(move || ac.store_raw(&key.instance_name, &d, &bytes)).await?;
+        // As the node's own writes (`Storage::ac_update`): the insert in place, the flush
+        // awaited and shared.
+        self.state.ac.store_raw_async(&key.instance_name, &d, &e.action_result).await?;
         Ok(Response::new(e))
     }
 
