@@ -979,7 +979,7 @@ impl BlobStore {
 
     /// Starts a background eviction pass down to the low watermark unless one is running.
     fn request_eviction(&self) {
-        if self.0.evicting.swap(true, Ordering::AcqRel) {
+        if now_ms() < self.0.evictable_from.load(Ordering::Relaxed) || self.0.evicting.swap(true, Ordering::AcqRel) {
             return;
         }
         let s = self.clone();
