@@ -383,3 +383,31 @@ fn a_store_past_its_high_watermark_evicts_the_least_recently_used_in_the_backgro
         assert_eq!(&store.read_all(d).unwrap().unwrap()[..], &b[..]);
     }
 }
+
+/// A write refused because every blob was protected succeeds once the oldest leaves the
+/// window (the store remembers when that is, and must not hold on to it longer).
+#[test]
+fn eviction_resumes_when_the_protect_window_has_passed() {
+    use kiln_node::cas::BlobStore;
+    use kiln_node::digest::DigestFunction;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.storage.memory_tier_bytes = 0;
+    cfg.storage.protect_window_secs = 1;
+    cfg.storage.max_size_bytes = 1 << 20;
+    let blobs: Vec<Vec<u8>> = (0..5).map(|i| pseudo_random(240 << 10, 7000 + i)).collect();
+    let digests: Vec<_> = blobs.iter().map(|b| DigestFunction::Sha256.digest_of(b)).collect();
+    let store = BlobStore::open(&cfg, &open_index(dir.path())).unwrap();
+    for (d, b) in digests.iter().zip(&blobs).take(4) {
+        store.put(d, b.clone().into()).unwrap();
+    }
+    let refused = store.put(&digests[4], blobs[4].clone().into()).unwrap_err();
+    assert!(refused.to_string().contains("CAS is full"), "{refused}");
+    // Refused again at once, from what the failed pass recorded.
+    assert!(store.put(&digests[4], blobs[4].clone().into()).is_err());
+    std::thread::sleep(std::time::Duration::from_millis(1300));
+    store.put(&digests[4], blobs[4].clone().into()).unwrap();
+    let missing = store.find_missing(&digests).unwrap();
+    assert!(!missing.is_empty() && !missing.contains(&digests[4]), "an old blob went, the new one is stored: {missing:?}");
+    assert!(store.stored_bytes() <= 1 << 20);
+}

@@ -167,6 +167,8 @@ struct Inner {
     /// blob protected, the oldest access time plus the protect window. Touches only make
     /// blobs newer, so until then a scan would find nothing either.
     evictable_from: AtomicU64,
+    /// When `evictable_from` was found: it is not trusted once the clock reads earlier.
+    evictable_checked_at: AtomicU64,
 }
 
 /// Meta key present while the index is known complete (set at clean shutdown).
@@ -307,6 +309,7 @@ impl BlobStore {
             evicting: std::sync::atomic::AtomicBool::new(false),
             eviction: Mutex::new(()),
             evictable_from: AtomicU64::new(0),
+            evictable_checked_at: AtomicU64::new(0),
         }));
         if !clean {
             let s = store.clone();
@@ -979,7 +982,7 @@ impl BlobStore {
 
     /// Starts a background eviction pass down to the low watermark unless one is running.
     fn request_eviction(&self) {
-        if now_ms() < self.0.evictable_from.load(Ordering::Relaxed) || self.0.evicting.swap(true, Ordering::AcqRel) {
+        if self.nothing_evictable(now_ms()) || self.0.evicting.swap(true, Ordering::AcqRel) {
             return;
         }
         let s = self.clone();
@@ -993,6 +996,12 @@ impl BlobStore {
         if spawned.is_err() {
             self.0.evicting.store(false, Ordering::Release);
         }
+    }
+
+    /// Whether a scan found, not long ago, that no blob can go before a time still ahead.
+    /// A clock set back since then voids the finding.
+    fn nothing_evictable(&self, now: u64) -> bool {
+        now < self.0.evictable_from.load(Ordering::Relaxed) && now >= self.0.evictable_checked_at.load(Ordering::Relaxed)
     }
 
     /// Evicts least recently used blobs outside the protect window until at most `target`
@@ -1010,7 +1019,7 @@ impl BlobStore {
         for _ in 0..EVICT_ROUNDS {
             let stored = self.stored_bytes();
             let now = now_ms();
-            if stored <= target || now < self.0.evictable_from.load(Ordering::Relaxed) {
+            if stored <= target || self.nothing_evictable(now) {
                 break;
             }
             // A recorded atime may lag the real last touch by up to the granularity, hence the
@@ -1050,6 +1059,7 @@ impl BlobStore {
         }
         let cutoff = sample.cutoff(need);
         if cutoff.is_none() && oldest != u64::MAX {
+            self.0.evictable_checked_at.store(now_ms(), Ordering::Relaxed);
             self.0.evictable_from.store(oldest.saturating_add(margin + 1), Ordering::Relaxed);
         }
         Ok(cutoff)
