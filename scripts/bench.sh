@@ -5,6 +5,8 @@
 # spawns), runs
 # `kiln-load suite` against the node, and prints every figure with its ratio to those limits
 # plus the checks of the benchmark issue. The full report goes to bench/results/<UTC time>.json.
+# Before the suite, `kiln-load memory` reads the fresh node's idle resident set and how far a
+# 1 GiB upload raises it (<UTC time>-memory.json).
 #
 # usage: scripts/bench.sh [--quick] [--cluster | --vs-buildgrid] [--bazel] [--fill-page-cache]
 #   --quick           ~1 s per workload instead of ~5 s (a smoke run; results get a -quick suffix)
@@ -193,6 +195,11 @@ suite() {
 }
 
 status=0
+# Memory first, on the fresh node: its idle resident set, and what one 1 GiB streamed upload
+# adds to its peak (targets: under 100 MiB idle, under 64 MiB added).
+log "memory: idle RSS and a 1 GiB upload"
+"$LOAD" memory --endpoint "grpc://127.0.0.1:$PORT" --pid "$KILN_PID" --json "bench/results/$STAMP$SUFFIX-memory.json" || status=$?
+
 if [ "$MODE" = vs-buildgrid ]; then
   # The peer's worker is set up as Kiln's embedded worker: one slot per core, one lease
   # prefetched per slot.
@@ -320,6 +327,7 @@ if [ -f "$RESULT" ]; then
   [ -n "${CRESULT:-}" ] && [ -f "$CRESULT" ] && echo "cluster results: $CRESULT"
   [ -n "${PEER_RESULT:-}" ] && [ -f "$PEER_RESULT" ] && echo "BuildGrid results: $PEER_RESULT"
   [ -f "bench/results/$STAMP$SUFFIX-bazel.json" ] && echo "Bazel build results: bench/results/$STAMP$SUFFIX-bazel.json"
+  [ -f "bench/results/$STAMP$SUFFIX-memory.json" ] && echo "memory results: bench/results/$STAMP$SUFFIX-memory.json"
   if [ "$DIRTY" = yes ] && [ -z "${KILN_BIN:-}" ]; then
     cp "$TMP/tree.diff" "${RESULT%.json}.diff"
     echo "uncommitted changes measured (on top of $REV): ${RESULT%.json}.diff"

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use chaos_tests::load::client::Clients;
 use chaos_tests::load::limits::{self, MachineLimits};
+use chaos_tests::load::memory;
 use chaos_tests::load::report::{evaluate_checks, render_table, SuiteReport};
 use chaos_tests::load::workloads::{Suite, SuiteOptions};
 use clap::{Parser, Subcommand};
@@ -124,6 +125,28 @@ enum Command {
         /// Processes per attempt.
         #[arg(long, default_value_t = 1000)]
         count: u32,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// A server's memory (it must run on this machine): its idle resident set, then how far
+    /// one large streamed upload raises its peak. Checks the targets: idle under 100 MiB, the
+    /// upload's growth under 64 MiB. Run it on a fresh server, before other load.
+    Memory {
+        /// The server: grpc://host:port (or host:port).
+        #[arg(long)]
+        endpoint: String,
+        /// The server's process id (its /proc/PID/status is read).
+        #[arg(long)]
+        pid: u32,
+        /// REAPI instance name.
+        #[arg(long, default_value = "")]
+        instance: String,
+        /// Size of the upload.
+        #[arg(long, default_value_t = 1024 * MIB)]
+        bytes: u64,
+        /// Seconds the server is left idle before its resident set is read.
+        #[arg(long, default_value_t = 2.0)]
+        settle_secs: f64,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -260,6 +283,42 @@ async fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 },
             )
+        }
+        Command::Memory {
+            endpoint,
+            pid,
+            instance,
+            bytes,
+            settle_secs,
+            json,
+        } => {
+            let clients = Clients::connect(&endpoint, 1, &instance).await?;
+            let settle = std::time::Duration::from_secs_f64(settle_secs.max(0.0));
+            let r = memory::measure(&clients, pid, bytes, settle).await?;
+            let mib = |b: u64| b as f64 / MIB as f64;
+            println!(
+                "memory: idle RSS {:.1} MiB; a {} MiB upload ({:.1} s) took the RSS from {:.1} to a peak of {:.1} MiB (+{:.1} MiB; {})",
+                mib(r.idle_rss_bytes),
+                bytes / MIB,
+                r.upload_secs,
+                mib(r.rss_before_bytes),
+                mib(r.peak_rss_during_bytes),
+                mib(r.upload_peak_growth_bytes),
+                if r.peak_reset { "the kernel's peak, reset first" } else { "sampled every 10 ms" }
+            );
+            let verdict = |ok: bool| if ok { "ok   " } else { "BELOW" };
+            println!(
+                "check {} idle RSS < 100 MiB — {:.1} MiB",
+                verdict(r.idle_rss_bytes < 100 * MIB),
+                mib(r.idle_rss_bytes)
+            );
+            println!(
+                "check {} a {} MiB upload raises the peak RSS by < 64 MiB — +{:.1} MiB",
+                verdict(r.upload_peak_growth_bytes < 64 * MIB),
+                bytes / MIB,
+                mib(r.upload_peak_growth_bytes)
+            );
+            write_json(&json, &r)
         }
         Command::DiskRate {
             dir,

@@ -10,6 +10,7 @@
 //! - [`workloads`]: the suite — ByteStream, batches, FindMissingBlobs, Action Cache, and
 //!   ([`execute`]) remote execution of unique trivial actions;
 //! - [`limits`]: the machine probes — SHA-256, loopback TCP, disk with fsync, process spawns;
+//! - [`memory`]: a server's idle resident set and what one large upload adds to its peak;
 //! - [`stats`]: percentiles; [`report`]: ratios, the checks, JSON and the table.
 //!
 //! A run: connect, GetCapabilities (to size batches and learn whether execution is served),
@@ -20,6 +21,7 @@ pub mod blobs;
 pub mod client;
 pub mod execute;
 pub mod limits;
+pub mod memory;
 pub mod report;
 pub mod runner;
 pub mod stats;
