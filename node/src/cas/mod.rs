@@ -3,8 +3,8 @@
 //! [`BlobStore`] owns the blobs of this node: large ones in files of their own under
 //! `<data>/cas/<function>/<xx>/<hash>`, small ones stored whole appended to pack files under
 //! `<data>/cas/packs` (see `pack.rs`), a sled index (size, last access, which boot verified it,
-//! where a packed blob lies), an LRU order for eviction, a memory tier of small hot blobs, and
-//! unfinished uploads kept for resumption.
+//! where a packed blob lies; eviction goes by its access times), a memory tier of small hot
+//! blobs, and unfinished uploads kept for resumption.
 //!
 //! Invariants (each enforced in `store.rs` and tested in `node/tests/`):
 //! - A blob exists once its index entry does, and the entry is written only after the bytes,

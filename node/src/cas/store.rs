@@ -169,6 +169,12 @@ struct Inner {
     evictable_from: AtomicU64,
     /// When `evictable_from` was found: it is not trusted once the clock reads earlier.
     evictable_checked_at: AtomicU64,
+    /// No background eviction pass starts before this time (ms since the epoch): set when one
+    /// ended above the high watermark, so a store full of recently used blobs is not scanned
+    /// back to back for the few that age out meanwhile.
+    background_not_before: AtomicU64,
+    /// Set by [`BlobStore::close`]: eviction stops, so nothing changes after the last flush.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// Meta key present while the index is known complete (set at clean shutdown).
@@ -256,7 +262,8 @@ impl BlobStore {
         db.flush()?;
         let index = db.open_tree("cas_index")?;
         // Earlier versions kept the eviction order in a tree of its own; the index's access
-        // times are the order now.
+        // times are the order now. (A node downgraded to such a version afterwards finds that
+        // tree empty and cannot evict the blobs stored meanwhile: upgrades only.)
         db.drop_tree("cas_lru")?;
         let packs = Packs::open(dir.join("packs"), cfg.storage.pack_file_bytes)?;
         let mut total = 0u64;
@@ -310,6 +317,8 @@ impl BlobStore {
             eviction: Mutex::new(()),
             evictable_from: AtomicU64::new(0),
             evictable_checked_at: AtomicU64::new(0),
+            background_not_before: AtomicU64::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }));
         if !clean {
             let s = store.clone();
@@ -457,16 +466,33 @@ impl BlobStore {
     /// if the entry disappeared meanwhile (evicted): the blob must then be reported missing.
     fn touch(&self, key: &Key, raw: &sled::IVec, e: &IndexEntry) -> Result<bool> {
         let now = now_ms();
-        if now.saturating_sub(e.atime) <= self.0.touch_granularity_ms && now >= e.atime {
+        let fresh = |atime: u64| now.saturating_sub(atime) <= self.0.touch_granularity_ms && now >= atime;
+        if fresh(e.atime) {
             return Ok(true);
         }
-        let new = IndexEntry { atime: now, ..*e };
+        let (mut expected, mut entry) = (raw.clone(), *e);
         // Compare-and-swap: an eviction that removed the entry between our read and this write
-        // must win, or we would report present a blob whose file is being deleted.
-        match self.0.index.compare_and_swap(key, Some(raw), Some(new.encode()))? {
-            Ok(()) => Ok(true),
-            Err(cas) => Ok(cas.current.is_some()),
+        // must win, or we would report present a blob whose file is being deleted. An entry
+        // rewritten meanwhile (marked verified, moved by compaction) is touched as it is now:
+        // a blob reported present must carry a recent access time, or eviction could take it
+        // inside the protect window.
+        for _ in 0..8 {
+            let new = IndexEntry { atime: now, ..entry };
+            match self.0.index.compare_and_swap(key, Some(&expected), Some(new.encode()))? {
+                Ok(()) => return Ok(true),
+                Err(cas) => {
+                    let Some(current) = cas.current else { return Ok(false) };
+                    let Ok(c) = IndexEntry::decode(&current) else { return Ok(false) };
+                    if fresh(c.atime) {
+                        return Ok(true);
+                    }
+                    (expected, entry) = (current, c);
+                }
+            }
         }
+        // Lost every race: reported missing (a client uploads it again) rather than present
+        // without a recent access time.
+        Ok(false)
     }
 
     /// Whether `d` is stored; refreshes its access time so it stays for the protect window.
@@ -965,8 +991,21 @@ impl BlobStore {
         if self.stored_bytes() + incoming <= max {
             return Ok(());
         }
-        let target = ((max as f64 * EVICT_LOW_WATERMARK) as u64).saturating_sub(incoming);
-        self.evict_down_to(target)?;
+        // A background pass may be making the room already: wait for it in short steps, and
+        // evict here only if it is done and the room is still missing.
+        let one = loop {
+            if let Some(g) = self.0.eviction.try_lock_for(Duration::from_millis(5)) {
+                break g;
+            }
+            if self.stored_bytes() + incoming <= max {
+                return Ok(());
+            }
+        };
+        if self.stored_bytes() + incoming > max {
+            let target = ((max as f64 * EVICT_LOW_WATERMARK) as u64).saturating_sub(incoming);
+            self.evict_rounds(&one, target)?;
+        }
+        drop(one);
         if self.stored_bytes() + incoming > max {
             return Err(KilnError::ResourceExhausted(format!(
                 "CAS is full: {} of {} bytes stored and every remaining blob was used within the last {} s; \
@@ -982,7 +1021,12 @@ impl BlobStore {
 
     /// Starts a background eviction pass down to the low watermark unless one is running.
     fn request_eviction(&self) {
-        if self.nothing_evictable(now_ms()) || self.0.evicting.swap(true, Ordering::AcqRel) {
+        let now = now_ms();
+        if self.0.closed.load(Ordering::Acquire)
+            || self.nothing_evictable(now)
+            || now < self.0.background_not_before.load(Ordering::Relaxed)
+            || self.0.evicting.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let s = self.clone();
@@ -990,6 +1034,11 @@ impl BlobStore {
             let target = (s.0.max_size as f64 * EVICT_LOW_WATERMARK) as u64;
             if let Err(e) = s.evict_down_to(target) {
                 tracing::warn!(error = %e, "background eviction failed");
+            }
+            if s.stored_bytes() as f64 > s.0.max_size as f64 * EVICT_HIGH_WATERMARK {
+                // What could go went; the next pass waits for more to age out.
+                let gap = s.0.touch_granularity_ms.max(1000);
+                s.0.background_not_before.store(now_ms() + gap, Ordering::Relaxed);
             }
             s.0.evicting.store(false, Ordering::Release);
         });
@@ -1014,7 +1063,12 @@ impl BlobStore {
     /// lie, and evicts in a second scan what is older: exact LRU for a store of up to that
     /// many blobs, within a fraction of a percent of it above.
     pub fn evict_down_to(&self, target: u64) -> Result<usize> {
-        let _one = self.0.eviction.lock();
+        let one = self.0.eviction.lock();
+        self.evict_rounds(&one, target)
+    }
+
+    /// [`Self::evict_down_to`] under the eviction lock, which `_one` shows is held.
+    fn evict_rounds(&self, _one: &parking_lot::MutexGuard<'_, ()>, target: u64) -> Result<usize> {
         let mut evicted = 0;
         for _ in 0..EVICT_ROUNDS {
             let stored = self.stored_bytes();
@@ -1052,7 +1106,8 @@ impl BlobStore {
             let (_, raw) = item?;
             let Ok(e) = IndexEntry::decode(&raw) else { continue };
             if e.atime >= protected_from {
-                oldest = oldest.min(e.atime);
+                // An access time ahead of the clock (set back since) counts as now.
+                oldest = oldest.min(e.atime.min(protected_from + margin));
                 continue;
             }
             sample.offer(e.atime, e.size);
@@ -1073,10 +1128,14 @@ impl BlobStore {
         for item in self.0.index.iter() {
             let (k, raw) = item?;
             let Ok(e) = IndexEntry::decode(&raw) else { continue };
+            if self.0.closed.load(Ordering::Relaxed) {
+                break;
+            }
             if e.atime >= protected_from || e.atime > cutoff || (e.atime == cutoff && self.stored_bytes() <= target) {
                 continue;
             }
             let Ok(key) = <Key>::try_from(&k[..]) else { continue };
+            let Some(function) = DigestFunction::from_key_byte(key[0]) else { continue };
             let _g = self.stripe(&key);
             // Touched (or replaced) since the scan read it: it stays.
             if self.0.index.compare_and_swap(key, Some(&raw), None as Option<&[u8]>)?.is_err() {
@@ -1084,7 +1143,6 @@ impl BlobStore {
             }
             self.0.memory.lock().remove(&key);
             self.0.presence.write().pop(&key);
-            let Some(function) = DigestFunction::from_key_byte(key[0]) else { continue };
             let mut hash = [0u8; HASH_LEN];
             hash.copy_from_slice(&key[1..]);
             self.free(&BlobDigest { function, hash, size: e.size }, &e);
@@ -1133,6 +1191,10 @@ impl BlobStore {
 
     /// Flushes the index and records that it lists every blob (the next start skips the scan).
     pub fn close(&self) -> Result<()> {
+        // A running eviction pass stops at its next blob; held until the flush is done, the
+        // lock keeps another from starting.
+        self.0.closed.store(true, Ordering::Release);
+        let _no_eviction = self.0.eviction.lock();
         if self.0.index_complete.load(Ordering::Acquire) {
             self.0.meta.insert(KEY_CLEAN, &[1])?;
         }
