@@ -57,7 +57,9 @@ impl ActionCacheService {
 
 #[tonic::async_trait]
 impl ActionCache for ActionCacheService {
-    #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name,
+    // A debug span: at the default `info` filter an Action Cache call, the most frequent and
+    // smallest there is, builds no span (they were 3 % of the node's time in the AC mix).
+    #[tracing::instrument(level = "debug", skip_all, fields(instance = %request.get_ref().instance_name,
         action = ?request.get_ref().action_digest.as_ref().map(|d| &d.hash)))]
     async fn get_action_result(&self, request: Request<GetActionResultRequest>) -> Result<Response<ActionResult>, Status> {
         let start = Instant::now();
@@ -65,7 +67,9 @@ impl ActionCache for ActionCacheService {
         observe("ActionCache.GetActionResult", start, r)
     }
 
-    #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name,
+    // A debug span: at the default `info` filter an Action Cache call, the most frequent and
+    // smallest there is, builds no span (they were 3 % of the node's time in the AC mix).
+    #[tracing::instrument(level = "debug", skip_all, fields(instance = %request.get_ref().instance_name,
         action = ?request.get_ref().action_digest.as_ref().map(|d| &d.hash)))]
     async fn update_action_result(&self, request: Request<UpdateActionResultRequest>) -> Result<Response<ActionResult>, Status> {
         let start = Instant::now();
