@@ -364,19 +364,25 @@ fn a_store_past_its_high_watermark_evicts_the_least_recently_used_in_the_backgro
         }
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    // 960 blobs are 96 % of the limit: no write needed room, a background pass makes it.
+    // 960 blobs are 96 % of the limit: no write needed room, a background pass makes it. The
+    // pass starts at the blob that crosses 95 %, the 951st; the last batch's other nine may be
+    // stored after it ends, so the bound is 90 % plus those.
+    // Checked once the pass is over: the presence checks below touch what they find, and
+    // would reorder what a running pass takes.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while store.stored_bytes() > 900 * 4096 {
+    while store.stored_bytes() > 909 * 4096 || store.evicting() {
         assert!(std::time::Instant::now() < deadline, "still {} bytes stored", store.stored_bytes());
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let missing = store.find_missing(&digests).unwrap();
-    assert!(missing.len() >= 60 && missing.len() < 200, "{} evicted", missing.len());
+    assert!(missing.len() >= 51 && missing.len() < 200, "{} evicted", missing.len());
     // Blobs of one batch share their access time: whole batches older than the kept ones went.
     let batch_of = |d: &kiln_node::digest::BlobDigest| digests.iter().position(|x| x == d).unwrap() / 10;
     let newest_gone = missing.iter().map(batch_of).max().unwrap();
     let oldest_kept = digests.iter().filter(|d| !missing.contains(d)).map(batch_of).min().unwrap();
-    assert!(newest_gone <= oldest_kept, "batch {newest_gone} evicted while batch {oldest_kept} kept");
+    let mut gone_batches: Vec<usize> = missing.iter().map(batch_of).collect();
+    gone_batches.sort_unstable();
+    assert!(newest_gone <= oldest_kept, "batch {newest_gone} evicted while batch {oldest_kept} kept; evicted: {gone_batches:?}");
     assert!(missing.iter().map(batch_of).filter(|&b| b < newest_gone).count() == newest_gone * 10, "every older batch went whole");
     for (d, b) in digests.iter().zip(&blobs).filter(|(d, _)| !missing.contains(d)) {
         assert_eq!(&store.read_all(d).unwrap().unwrap()[..], &b[..]);

@@ -1047,6 +1047,11 @@ impl BlobStore {
         }
     }
 
+    /// Whether a background eviction pass is running.
+    pub fn evicting(&self) -> bool {
+        self.0.evicting.load(Ordering::Acquire)
+    }
+
     /// Whether a scan found, not long ago, that no blob can go before a time still ahead.
     /// A clock set back since then voids the finding.
     fn nothing_evictable(&self, now: u64) -> bool {
