@@ -80,6 +80,23 @@ fn open_index(data_dir: &std::path::Path) -> sled::Db {
     panic!("index stays locked");
 }
 
+/// A store's configuration without a memory tier, with a size limit and a protect window,
+/// and `n` blobs of `size` bytes (seeded from `seed`) with their digests.
+fn eviction_setup(
+    dir: &std::path::Path,
+    max_size_bytes: u64,
+    protect_window_secs: u64,
+    (n, size, seed): (usize, usize, u64),
+) -> (kiln_node::config::Config, Vec<Vec<u8>>, Vec<kiln_node::digest::BlobDigest>) {
+    let mut cfg = test_config(dir);
+    cfg.storage.memory_tier_bytes = 0;
+    cfg.storage.protect_window_secs = protect_window_secs;
+    cfg.storage.max_size_bytes = max_size_bytes;
+    let blobs: Vec<Vec<u8>> = (0..n).map(|i| pseudo_random(size, seed + i as u64)).collect();
+    let digests = blobs.iter().map(|b| kiln_node::digest::DigestFunction::Sha256.digest_of(b)).collect();
+    (cfg, blobs, digests)
+}
+
 /// Waits for the start-up scan of blob files that follows an unclean shutdown.
 fn wait_for_scan(store: &kiln_node::cas::BlobStore) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -345,14 +362,8 @@ fn packed_blobs_read_right_after_their_records_move_or_are_dropped() {
 #[test]
 fn a_store_past_its_high_watermark_evicts_the_least_recently_used_in_the_background() {
     use kiln_node::cas::BlobStore;
-    use kiln_node::digest::DigestFunction;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path());
-    cfg.storage.memory_tier_bytes = 0;
-    cfg.storage.protect_window_secs = 0;
-    cfg.storage.max_size_bytes = 1000 * 4096;
-    let blobs: Vec<Vec<u8>> = (0..960).map(|i| pseudo_random(4096, 5000 + i as u64)).collect();
-    let digests: Vec<_> = blobs.iter().map(|b| DigestFunction::Sha256.digest_of(b)).collect();
+    let (cfg, blobs, digests) = eviction_setup(dir.path(), 1000 * 4096, 0, (960, 4096, 5000));
     let store = BlobStore::open(&cfg, &open_index(dir.path())).unwrap();
     for (n, (bs, ds)) in blobs.chunks(10).zip(digests.chunks(10)).enumerate() {
         let batch = ds.iter().zip(bs).map(|(d, b)| (*d, b.clone().into())).collect();
@@ -394,14 +405,8 @@ fn a_store_past_its_high_watermark_evicts_the_least_recently_used_in_the_backgro
 #[test]
 fn eviction_resumes_when_the_protect_window_has_passed() {
     use kiln_node::cas::BlobStore;
-    use kiln_node::digest::DigestFunction;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path());
-    cfg.storage.memory_tier_bytes = 0;
-    cfg.storage.protect_window_secs = 1;
-    cfg.storage.max_size_bytes = 1 << 20;
-    let blobs: Vec<Vec<u8>> = (0..5).map(|i| pseudo_random(240 << 10, 7000 + i)).collect();
-    let digests: Vec<_> = blobs.iter().map(|b| DigestFunction::Sha256.digest_of(b)).collect();
+    let (cfg, blobs, digests) = eviction_setup(dir.path(), 1 << 20, 1, (5, 240 << 10, 7000));
     let store = BlobStore::open(&cfg, &open_index(dir.path())).unwrap();
     for (d, b) in digests.iter().zip(&blobs).take(4) {
         store.put(d, b.clone().into()).unwrap();
@@ -422,14 +427,8 @@ fn eviction_resumes_when_the_protect_window_has_passed() {
 #[test]
 fn a_blob_read_after_a_restart_counts_as_just_used() {
     use kiln_node::cas::BlobStore;
-    use kiln_node::digest::DigestFunction;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path());
-    cfg.storage.memory_tier_bytes = 0;
-    cfg.storage.protect_window_secs = 0;
-    cfg.storage.max_size_bytes = 1 << 20;
-    let blobs: Vec<Vec<u8>> = (0..3).map(|i| pseudo_random(400 << 10, 8000 + i)).collect();
-    let digests: Vec<_> = blobs.iter().map(|b| DigestFunction::Sha256.digest_of(b)).collect();
+    let (cfg, blobs, digests) = eviction_setup(dir.path(), 1 << 20, 0, (3, 400 << 10, 8000));
     {
         let store = BlobStore::open(&cfg, &open_index(dir.path())).unwrap();
         for (d, b) in digests.iter().zip(&blobs).take(2) {
