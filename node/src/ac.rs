@@ -68,14 +68,9 @@ impl ActionCacheStore {
         Ok(self.load(instance, action)?.map(|r| r.encode_to_vec()))
     }
 
-    /// Stores a replica a peer sent, after decoding it (garbage is refused, not stored).
-    pub fn store_raw(&self, instance: &str, action: &BlobDigest, bytes: &[u8]) -> Result<()> {
-        let r = ActionResult::decode(bytes).map_err(|e| KilnError::invalid(format!("action result replica of {action} does not decode: {e}")))?;
-        self.put(instance, action, &r)
-    }
-
-    /// [`Self::store_raw`] for async callers, as [`Self::put_async`].
-    pub async fn store_raw_async(&self, instance: &str, action: &BlobDigest, bytes: &[u8]) -> Result<()> {
+    /// Stores a replica a peer sent, after decoding it (garbage is refused, not stored), as
+    /// [`Self::put_async`].
+    pub async fn store_raw(&self, instance: &str, action: &BlobDigest, bytes: &[u8]) -> Result<()> {
         let r = ActionResult::decode(bytes).map_err(|e| KilnError::invalid(format!("action result replica of {action} does not decode: {e}")))?;
         self.put_async(instance, action, &r).await
     }

@@ -508,9 +508,8 @@ impl BlobStore {
     }
 
     /// Whether `d` is stored, from memory alone: true if the presence cache vouches for it
-    /// (then it needs no touch either), false if that takes the index. Never blocks, so an
-    /// async caller may try it before handing [`Self::contains`] to a blocking thread.
-    pub fn contains_cached(&self, d: &BlobDigest) -> bool {
+    /// (then it needs no touch either), false if that takes the index. Never blocks.
+    fn contains_cached(&self, d: &BlobDigest) -> bool {
         d.is_empty_blob() || self.0.presence.read().peek(&d.key()).is_some_and(|c| self.cached_present(&c, d, now_ms()))
     }
 
@@ -1029,8 +1028,7 @@ impl BlobStore {
         {
             return;
         }
-        let s = self.clone();
-        let spawned = std::thread::Builder::new().name("kiln-cas-evict".into()).spawn(move || {
+        self.in_background("kiln-cas-evict", |i| &i.evicting, |s| {
             let target = (s.0.max_size as f64 * EVICT_LOW_WATERMARK) as u64;
             if let Err(e) = s.evict_down_to(target) {
                 tracing::warn!(error = %e, "background eviction failed");
@@ -1040,10 +1038,19 @@ impl BlobStore {
                 let gap = s.0.touch_granularity_ms.max(1000);
                 s.0.background_not_before.store(now_ms() + gap, Ordering::Relaxed);
             }
-            s.0.evicting.store(false, Ordering::Release);
+        });
+    }
+
+    /// Runs `job` on a thread of its own; `running` (already set by the caller) is cleared
+    /// when it ends, or at once if no thread can be started.
+    fn in_background(&self, name: &str, running: fn(&Inner) -> &std::sync::atomic::AtomicBool, job: impl FnOnce(&Self) + Send + 'static) {
+        let s = self.clone();
+        let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+            job(&s);
+            running(&s.0).store(false, Ordering::Release);
         });
         if spawned.is_err() {
-            self.0.evicting.store(false, Ordering::Release);
+            running(&self.0).store(false, Ordering::Release);
         }
     }
 
@@ -1278,18 +1285,11 @@ impl BlobStore {
         if self.0.compacting.swap(true, Ordering::AcqRel) {
             return;
         }
-        let s = self.clone();
-        let spawned = std::thread::Builder::new().name("kiln-cas-compact".into()).spawn(move || {
-            match s.compact_packs() {
-                Ok(0) => {}
-                Ok(moved) => tracing::info!(moved, "compacted packs"),
-                Err(e) => tracing::warn!(error = %e, "pack compaction failed"),
-            }
-            s.0.compacting.store(false, Ordering::Release);
+        self.in_background("kiln-cas-compact", |i| &i.compacting, |s| match s.compact_packs() {
+            Ok(0) => {}
+            Ok(moved) => tracing::info!(moved, "compacted packs"),
+            Err(e) => tracing::warn!(error = %e, "pack compaction failed"),
         });
-        if spawned.is_err() {
-            self.0.compacting.store(false, Ordering::Release);
-        }
     }
 
     /// Rewrites closed packs less than half live: their live records are appended to the

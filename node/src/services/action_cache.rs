@@ -55,10 +55,10 @@ impl ActionCacheService {
     }
 }
 
+// Debug spans: at the default `info` filter an Action Cache call, the most frequent and
+// smallest there is, builds none (they were 3 % of the node's time in the AC mix).
 #[tonic::async_trait]
 impl ActionCache for ActionCacheService {
-    // A debug span: at the default `info` filter an Action Cache call, the most frequent and
-    // smallest there is, builds no span (they were 3 % of the node's time in the AC mix).
     #[tracing::instrument(level = "debug", skip_all, fields(instance = %request.get_ref().instance_name,
         action = ?request.get_ref().action_digest.as_ref().map(|d| &d.hash)))]
     async fn get_action_result(&self, request: Request<GetActionResultRequest>) -> Result<Response<ActionResult>, Status> {
@@ -67,8 +67,6 @@ impl ActionCache for ActionCacheService {
         observe("ActionCache.GetActionResult", start, r)
     }
 
-    // A debug span: at the default `info` filter an Action Cache call, the most frequent and
-    // smallest there is, builds no span (they were 3 % of the node's time in the AC mix).
     #[tracing::instrument(level = "debug", skip_all, fields(instance = %request.get_ref().instance_name,
         action = ?request.get_ref().action_digest.as_ref().map(|d| &d.hash)))]
     async fn update_action_result(&self, request: Request<UpdateActionResultRequest>) -> Result<Response<ActionResult>, Status> {

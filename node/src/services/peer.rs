@@ -415,7 +415,7 @@ impl Peer for PeerService {
         let d = from_peer_digest(key.action.as_ref())?;
         // As the node's own writes (`Storage::ac_update`): the insert in place, the flush
         // awaited and shared.
-        self.state.ac.store_raw_async(&key.instance_name, &d, &e.action_result).await?;
+        self.state.ac.store_raw(&key.instance_name, &d, &e.action_result).await?;
         Ok(Response::new(e))
     }
 
