@@ -13,6 +13,18 @@
 //! not parse. Records the scan indexes are unverified, hence re-hashed on first read, like any
 //! blob file found after a crash. A new process never appends to an older pack.
 //!
+//! Large appends bypass the page cache: an append of [`DIRECT_MIN`] bytes or more (a
+//! BatchUpdateBlobs of a few hundred blobs) is written with `O_DIRECT` through a second
+//! handle of the pack. Filling fresh page-cache pages costs the writing core a page
+//! allocation, a copy and later the writeback's work for every 4 KiB; a direct write hands
+//! the buffer to the device. Direct writes must start and end on [`DIRECT_ALIGN`]
+//! boundaries, so one starts at the block holding the pack's end and rewrites the bytes
+//! already there (kept in memory, [`Active::tail`]) before the new records, and ends with
+//! zeros that the next append overwrites: records stay contiguous and the format is
+//! unchanged (a scan stops at the zeros after the last record, as at a torn tail). Reads
+//! stay buffered; the memory tier holds what was just written. Where the file system refuses
+//! `O_DIRECT` (tmpfs), appends are buffered.
+//!
 //! Space: each pack's live bytes are known from the index (counted at start, updated as
 //! blobs are added and dropped). A pack with nothing live is deleted; a closed pack less than
 //! half live is compacted by the store ([`super::BlobStore::compact_packs`]): its live records
@@ -24,6 +36,7 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -43,6 +56,12 @@ const MAGIC: [u8; 4] = *b"KPK1";
 pub(super) const HEADER: u64 = 4 + (1 + HASH_LEN) as u64 + 8;
 /// Open read handles kept, least recently used dropped first.
 const OPEN_HANDLES: usize = 256;
+/// Appends of at least this many bytes are written with `O_DIRECT`.
+const DIRECT_MIN: u64 = 64 * 1024;
+/// The offset, length and memory alignment of a direct write.
+const DIRECT_ALIGN: usize = 4096;
+/// The direct-write buffer is kept between appends up to this size.
+const DIRECT_BUF_KEEP: usize = 8 << 20;
 
 /// Where a packed blob's record starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,7 +80,44 @@ struct Usage {
 struct Active {
     id: u32,
     file: Option<Arc<File>>,
+    /// The active pack opened with `O_DIRECT`, while direct writes to it work.
+    direct: Option<File>,
     len: u64,
+    /// The pack's bytes from `len` rounded down to [`DIRECT_ALIGN`] up to `len`: what a
+    /// direct append rewrites before its records.
+    tail: Vec<u8>,
+    /// The buffer direct appends are assembled in (over-allocated by [`DIRECT_ALIGN`] for
+    /// alignment).
+    buf: Vec<u8>,
+}
+
+impl Active {
+    fn new(id: u32) -> Self {
+        Self { id, file: None, direct: None, len: 0, tail: Vec::new(), buf: Vec::new() }
+    }
+
+    /// After a write that may have landed in part: later records go after whatever did, and
+    /// the tail is no longer known, so no more direct writes to this pack.
+    fn after_failed_write(&mut self, file: &File) {
+        if let Ok(md) = file.metadata() {
+            self.len = self.len.max(md.len());
+        }
+        self.direct = None;
+        self.tail.clear();
+    }
+
+    /// Records that `written` (the bytes of an append that began at the old `len`) now end
+    /// the pack.
+    fn advance(&mut self, written: &[u8]) {
+        self.len += written.len() as u64;
+        let keep = (self.len % DIRECT_ALIGN as u64) as usize;
+        if keep <= written.len() {
+            self.tail.clear();
+            self.tail.extend_from_slice(&written[written.len() - keep..]);
+        } else {
+            self.tail.extend_from_slice(written);
+        }
+    }
 }
 
 /// What an append wrote: one location per blob, and the pack's file for syncing.
@@ -81,10 +137,48 @@ pub(super) struct Packs {
     active: Mutex<Active>,
     handles: Mutex<lru::LruCache<u32, Arc<File>>>,
     usage: Mutex<BTreeMap<u32, Usage>>,
+    /// Cleared when the file system refuses `O_DIRECT`.
+    direct_ok: AtomicBool,
 }
 
 fn record_len(size: u64) -> u64 {
     HEADER + size
+}
+
+/// Writes the records of `blobs` into `out`, which has exactly their length.
+fn encode(blobs: &[(Key, &[u8])], out: &mut [u8]) {
+    let mut at = 0;
+    for (key, bytes) in blobs {
+        let mut put = |b: &[u8]| {
+            out[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        };
+        put(&MAGIC);
+        put(key);
+        put(&(bytes.len() as u64).to_le_bytes());
+        put(bytes);
+    }
+    debug_assert_eq!(at, out.len());
+}
+
+/// `len` bytes of `buf` starting at a [`DIRECT_ALIGN`]-aligned address (`buf` grows as
+/// needed; it is over-allocated so that such a start exists).
+fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len + DIRECT_ALIGN {
+        *buf = vec![0u8; len + DIRECT_ALIGN];
+    }
+    let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    &mut buf[off..off + len]
+}
+
+/// Opens pack `path` for direct writes; `None` if the file system does not support them.
+fn open_direct(path: &Path) -> std::io::Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).custom_flags(nix::fcntl::OFlag::O_DIRECT.bits()).open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 impl Packs {
@@ -106,9 +200,10 @@ impl Packs {
             dir,
             max_pack_bytes,
             first_id: next,
-            active: Mutex::new(Active { id: next, file: None, len: 0 }),
+            active: Mutex::new(Active::new(next)),
             handles: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(OPEN_HANDLES).expect("non-zero"))),
             usage: Mutex::new(usage),
+            direct_ok: AtomicBool::new(true),
         })
     }
 
@@ -129,43 +224,74 @@ impl Packs {
     /// count as live at once: the caller indexes them, or releases those it does not.
     pub fn append(&self, blobs: &[(Key, &[u8])]) -> Result<Appended> {
         let total: u64 = blobs.iter().map(|(_, b)| record_len(b.len() as u64)).sum();
-        let mut buf = Vec::with_capacity(total as usize);
+        let want_direct = total >= DIRECT_MIN && self.direct_ok.load(Ordering::Relaxed);
+        // A buffered append's records are assembled before taking the lock; a direct one's
+        // in the aligned buffer behind the pack's tail, under it.
+        let mut buf = Vec::new();
+        if !want_direct {
+            buf = vec![0u8; total as usize];
+            encode(blobs, &mut buf);
+        }
         let mut rel = Vec::with_capacity(blobs.len());
-        for (key, bytes) in blobs {
-            rel.push(buf.len() as u64);
-            buf.extend_from_slice(&MAGIC);
-            buf.extend_from_slice(key);
-            buf.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-            buf.extend_from_slice(bytes);
+        let mut at = 0;
+        for (_, bytes) in blobs {
+            rel.push(at);
+            at += record_len(bytes.len() as u64);
         }
         let mut a = self.active.lock();
         let mut new_pack = false;
         if a.file.is_none() || (a.len > 0 && a.len + total > self.max_pack_bytes) {
-            if a.file.is_some() {
-                a.id += 1;
-            }
-            let path = self.path(a.id);
+            let id = if a.file.is_some() { a.id + 1 } else { a.id };
+            let path = self.path(id);
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
                 .open(&path)
                 .map_err(|e| KilnError::io(format!("creating pack {}", path.display()), e))?;
-            a.file = Some(Arc::new(f));
-            a.len = 0;
+            let direct = if self.direct_ok.load(Ordering::Relaxed) {
+                open_direct(&path).map_err(|e| KilnError::io(format!("opening pack {} for direct writes", path.display()), e))?
+            } else {
+                None
+            };
+            if direct.is_none() && self.direct_ok.swap(false, Ordering::Relaxed) {
+                tracing::info!(dir = %self.dir.display(), "the file system does not support O_DIRECT: pack appends go through the page cache");
+            }
+            let buf = std::mem::take(&mut a.buf);
+            *a = Active { file: Some(Arc::new(f)), direct, buf, ..Active::new(id) };
             new_pack = true;
         }
         let file = a.file.clone().expect("an active pack is open");
         let start = a.len;
-        if let Err(e) = file.write_all_at(&buf, start) {
-            // Whatever part of it landed is unreferenced; later records go after it.
-            if let Ok(md) = file.metadata() {
-                a.len = a.len.max(md.len());
+        let mut direct = false;
+        if want_direct && a.direct.is_some() {
+            match self.write_direct(&mut a, blobs, total) {
+                Ok(()) => direct = true,
+                // Refused (alignment, file system): no more direct writes; buffered below.
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                    tracing::warn!(error = %e, "a direct pack write was refused: pack appends go through the page cache");
+                    self.direct_ok.store(false, Ordering::Relaxed);
+                    a.direct = None;
+                }
+                Err(e) => {
+                    a.after_failed_write(&file);
+                    self.usage.lock().entry(a.id).or_default().len = a.len;
+                    return Err(KilnError::io(format!("appending to pack {}", self.path(a.id).display()), e));
+                }
             }
-            self.usage.lock().entry(a.id).or_default().len = a.len;
-            return Err(KilnError::io(format!("appending to pack {}", self.path(a.id).display()), e));
         }
-        a.len += total;
+        if !direct {
+            if buf.len() as u64 != total {
+                buf = vec![0u8; total as usize];
+                encode(blobs, &mut buf);
+            }
+            if let Err(e) = file.write_all_at(&buf, start) {
+                a.after_failed_write(&file);
+                self.usage.lock().entry(a.id).or_default().len = a.len;
+                return Err(KilnError::io(format!("appending to pack {}", self.path(a.id).display()), e));
+            }
+            a.advance(&buf);
+        }
         let id = a.id;
         {
             let mut u = self.usage.lock();
@@ -174,8 +300,35 @@ impl Packs {
             e.live += total;
         }
         drop(a);
+        if direct {
+            metrics::counter!(crate::metrics::CAS_PACK_DIRECT_BYTES).increment(total);
+        }
         let locs = rel.into_iter().map(|r| Loc { pack: id, offset: start + r }).collect();
         Ok(Appended { locs, file, new_pack })
+    }
+
+    /// Writes `blobs` (`total` bytes of records) at the end of the active pack with one
+    /// direct write: from the start of the block holding the end, whose bytes
+    /// ([`Active::tail`]) go first, to the next block boundary, zero-filled.
+    fn write_direct(&self, a: &mut Active, blobs: &[(Key, &[u8])], total: u64) -> std::io::Result<()> {
+        let tail = a.tail.len();
+        let len = tail + total as usize;
+        let padded = len.next_multiple_of(DIRECT_ALIGN);
+        let at = a.len - tail as u64;
+        debug_assert_eq!(at % DIRECT_ALIGN as u64, 0, "the tail starts on a block boundary");
+        let mut buf = std::mem::take(&mut a.buf);
+        let out = aligned(&mut buf, padded);
+        out[..tail].copy_from_slice(&a.tail);
+        encode(blobs, &mut out[tail..len]);
+        out[len..].fill(0);
+        let written = a.direct.as_ref().expect("checked by the caller").write_all_at(out, at);
+        if written.is_ok() {
+            a.advance(&out[tail..len]);
+        }
+        if buf.len() <= DIRECT_BUF_KEEP + DIRECT_ALIGN {
+            a.buf = buf;
+        }
+        written
     }
 
     fn handle(&self, id: u32) -> std::io::Result<Arc<File>> {
@@ -342,6 +495,48 @@ mod tests {
         let recs = reopened.records(pack).unwrap();
         assert_eq!(recs.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(), vec![(a.0, 100), (b.0, 5000)]);
         assert!(reopened.append(&[(c.0, &c.1)]).unwrap().locs[0].pack > pack, "a new process starts a new pack");
+    }
+
+    #[test]
+    fn large_appends_bypass_the_page_cache_and_records_stay_contiguous() {
+        let dir = tempfile::tempdir().unwrap();
+        let packs = Packs::open(dir.path().join("packs"), 64 << 20).unwrap();
+        let blob = |i: usize, len: usize| ([i as u8; 33], (0..len).map(|j| (i * 31 + j) as u8).collect::<Vec<u8>>());
+        // Small (buffered) and large (direct) appends in turn, each ending mid-block.
+        let batches: Vec<Vec<([u8; 33], Vec<u8>)>> = vec![
+            vec![blob(1, 100)],
+            (2..22).map(|i| blob(i, 4096 + i)).collect(),
+            vec![blob(22, 7)],
+            vec![blob(23, 3000), blob(24, 50)],
+            (25..45).map(|i| blob(i, 5000 - i)).collect(),
+            (45..65).map(|i| blob(i, 4000)).collect(),
+        ];
+        let mut written = Vec::new();
+        for batch in &batches {
+            let refs: Vec<(Key, &[u8])> = batch.iter().map(|(k, b)| (*k, &b[..])).collect();
+            let app = packs.append(&refs).unwrap();
+            for ((k, b), loc) in batch.iter().zip(app.locs) {
+                written.push((*k, b.clone(), loc));
+            }
+        }
+        let pack = written[0].2.pack;
+        assert!(written.iter().all(|w| w.2.pack == pack), "one pack");
+        for (k, b, loc) in &written {
+            assert_eq!(&packs.read(*loc, k, b.len() as u64).unwrap().unwrap()[..], &b[..], "record at {loc:?}");
+        }
+        let end: u64 = written.iter().map(|w| record_len(w.1.len() as u64)).sum();
+        let on_disk = std::fs::metadata(dir.path().join("packs").join(format!("{pack:08x}.pack"))).unwrap().len();
+        if packs.direct_ok.load(Ordering::Relaxed) {
+            // The last append was direct: the file ends on a block boundary, zero-filled.
+            assert_eq!(on_disk, end.next_multiple_of(DIRECT_ALIGN as u64));
+        } else {
+            assert_eq!(on_disk, end, "no O_DIRECT here: every append buffered");
+        }
+        drop(packs);
+        let reopened = Packs::open(dir.path().join("packs"), 64 << 20).unwrap();
+        let recs = reopened.records(pack).unwrap();
+        let want: Vec<(Key, u64, Loc)> = written.iter().map(|(k, b, loc)| (*k, b.len() as u64, *loc)).collect();
+        assert_eq!(recs, want, "a scan finds every record, in order, and stops at the padding");
     }
 
     #[test]
