@@ -602,7 +602,7 @@ impl Node {
         } else if self.data.is_index() {
             256
         } else {
-            16
+            32
         };
 
         let size_checks = self.data.len() > threshold;
