@@ -4,7 +4,8 @@
 //! `<data>/cas/<function>/<xx>/<hash>`, small ones stored whole appended to pack files under
 //! `<data>/cas/packs` (see `pack.rs`), a sled index (size, last access, which boot verified it,
 //! where a packed blob lies; eviction goes by its access times), a memory tier of small hot
-//! blobs, and unfinished uploads kept for resumption.
+//! blobs, and unfinished uploads kept for resumption. Bulk writes (a batch's pack append, a
+//! large upload) go past the page cache (`direct.rs`).
 //!
 //! Invariants (each enforced in `store.rs` and tested in `node/tests/`):
 //! - A blob exists once its index entry does, and the entry is written only after the bytes,
@@ -20,6 +21,7 @@
 //!   on a blocking thread, reads are streamed from the file in fixed-size chunks.
 
 mod absent;
+mod direct;
 mod memory;
 mod pack;
 mod presence;

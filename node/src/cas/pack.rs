@@ -14,10 +14,8 @@
 //! blob file found after a crash. A new process never appends to an older pack.
 //!
 //! Large appends bypass the page cache: an append of [`DIRECT_MIN`] bytes or more (a
-//! BatchUpdateBlobs of a few hundred blobs) is written with `O_DIRECT` through a second
-//! handle of the pack. Filling fresh page-cache pages costs the writing core a page
-//! allocation, a copy and later the writeback's work for every 4 KiB; a direct write hands
-//! the buffer to the device. Direct writes must start and end on [`DIRECT_ALIGN`]
+//! BatchUpdateBlobs of a few dozen blobs) is written with `O_DIRECT` ([`super::direct`])
+//! through a second handle of the pack. Direct writes must start and end on block
 //! boundaries, so one starts at the block holding the pack's end and rewrites the bytes
 //! already there (kept in memory, [`Active::tail`]) before the new records, and ends with
 //! zeros that the next append overwrites: records stay contiguous and the format is
@@ -43,6 +41,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use super::direct::{self, aligned, ALIGN as DIRECT_ALIGN};
 use crate::digest::HASH_LEN;
 use crate::error::{KilnError, Result};
 
@@ -58,8 +57,6 @@ pub(super) const HEADER: u64 = 4 + (1 + HASH_LEN) as u64 + 8;
 const OPEN_HANDLES: usize = 256;
 /// Appends of at least this many bytes are written with `O_DIRECT`.
 const DIRECT_MIN: u64 = 64 * 1024;
-/// The offset, length and memory alignment of a direct write.
-const DIRECT_ALIGN: usize = 4096;
 /// The direct-write buffer is kept between appends up to this size.
 const DIRECT_BUF_KEEP: usize = 8 << 20;
 
@@ -161,26 +158,6 @@ fn encode(blobs: &[(Key, &[u8])], out: &mut [u8]) {
     debug_assert_eq!(at, out.len());
 }
 
-/// `len` bytes of `buf` starting at a [`DIRECT_ALIGN`]-aligned address (`buf` grows as
-/// needed; it is over-allocated so that such a start exists).
-fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
-    if buf.len() < len + DIRECT_ALIGN {
-        *buf = vec![0u8; len + DIRECT_ALIGN];
-    }
-    let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
-    &mut buf[off..off + len]
-}
-
-/// Opens pack `path` for direct writes; `None` if the file system does not support them.
-fn open_direct(path: &Path) -> std::io::Result<Option<File>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new().write(true).custom_flags(nix::fcntl::OFlag::O_DIRECT.bits()).open(path) {
-        Ok(f) => Ok(Some(f)),
-        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 impl Packs {
     /// Opens the pack directory. Every existing pack is closed; the first append starts a new one.
     pub fn open(dir: PathBuf, max_pack_bytes: u64) -> Result<Self> {
@@ -250,7 +227,7 @@ impl Packs {
                 .open(&path)
                 .map_err(|e| KilnError::io(format!("creating pack {}", path.display()), e))?;
             let direct = if self.direct_ok.load(Ordering::Relaxed) {
-                open_direct(&path).map_err(|e| KilnError::io(format!("opening pack {} for direct writes", path.display()), e))?
+                direct::open(&path).map_err(|e| KilnError::io(format!("opening pack {} for direct writes", path.display()), e))?
             } else {
                 None
             };
@@ -268,7 +245,7 @@ impl Packs {
             match self.write_direct(&mut a, blobs, total) {
                 Ok(()) => direct = true,
                 // Refused (alignment, file system): no more direct writes; buffered below.
-                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                Err(e) if direct::refused(&e) => {
                     tracing::warn!(error = %e, "a direct pack write was refused: pack appends go through the page cache");
                     self.direct_ok.store(false, Ordering::Relaxed);
                     a.direct = None;

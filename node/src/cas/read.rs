@@ -16,6 +16,8 @@ use crate::error::{KilnError, Result};
 pub const READ_CHUNK_BYTES: usize = 1 << 20;
 /// Chunks buffered between the reading thread and the network: bounds memory per read.
 const READ_AHEAD_CHUNKS: usize = 4;
+/// How far ahead of the chunk being mapped a blob file's read asks the kernel to read.
+const READ_AHEAD_BYTES: u64 = 8 << 20;
 /// zstd level for compressed reads: fast, since it runs per read.
 const ZSTD_LEVEL: i32 = 1;
 
@@ -92,7 +94,15 @@ fn pump_mapped(f: &File, size: u64, d: &BlobDigest, offset: u64, limit: u64, tx:
         return Err(KilnError::Internal(format!("blob file of {d} holds {on_disk} bytes, {end} expected")));
     }
     let mut pos = offset;
+    let mut advised = offset;
     while pos < end {
+        // Large blobs are written past the page cache (`super::direct`): the first read of one
+        // comes from the disk, which then reads ahead of the chunk being sent.
+        while advised < end && advised < pos + READ_AHEAD_BYTES {
+            let len = (READ_CHUNK_BYTES as u64).min(end - advised);
+            let _ = nix::fcntl::posix_fadvise(f, advised as i64, len as i64, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED);
+            advised += len;
+        }
         let n = (READ_CHUNK_BYTES as u64).min(end - pos) as usize;
         // SAFETY: a blob file is complete before it can be opened for reading (written under a
         // temporary name and renamed into place, or created at its path before its index entry

@@ -3,10 +3,12 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use bytes::Bytes;
 
+use super::direct::{self, SequentialWriter};
 use super::store::BlobStore;
 use crate::digest::{BlobDigest, Hasher};
 use crate::error::{KilnError, Result};
@@ -15,6 +17,8 @@ use crate::error::{KilnError, Result};
 const HASH_THREAD_ABOVE: u64 = 8 << 20;
 /// Chunks queued for the hashing thread at most: bounds the memory an upload holds.
 const HASH_THREAD_QUEUE: usize = 4;
+/// Uploads of blobs this large are written past the page cache ([`super::direct`]).
+const DIRECT_ABOVE: u64 = 8 << 20;
 
 /// The file being written, hashing as it goes and refusing bytes beyond the digest's size
 /// (which also bounds what a zstd stream may expand to).
@@ -25,6 +29,8 @@ struct HashingFile {
     limit: u64,
     /// For a large plain upload: the thread hashing its chunks, which then holds the hasher.
     hashing: Option<HashThread>,
+    /// For a large upload: the file's direct writer (`file` then holds only the result).
+    direct: Option<SequentialWriter>,
 }
 
 /// A thread hashing a large upload's chunks while the writer copies them into the file: the
@@ -44,10 +50,46 @@ impl HashingFile {
         Ok(())
     }
 
+    /// Writes `buf` at the end of the file: directly if this upload does, else through the
+    /// page cache. The caller counts it as written.
+    fn put(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let Some(d) = &mut self.direct else { return self.file.write_all_at(buf, self.written) };
+        match d.write(buf) {
+            Err(e) if direct::refused(&e) => {
+                let done = self.fall_back_to_buffered(&e)?;
+                // What of `buf` the direct writer had not taken.
+                self.file.write_all_at(&buf[(done - self.written) as usize..], done)
+            }
+            r => r,
+        }
+    }
+
+    /// After a refused direct write: writes what the direct writer held through the page
+    /// cache, and the rest of the upload too. Returns the file's length.
+    fn fall_back_to_buffered(&mut self, e: &std::io::Error) -> std::io::Result<u64> {
+        tracing::warn!(error = %e, "a direct write of an upload was refused: writing it through the page cache");
+        let (at, pending) = self.direct.take().expect("a direct writer").into_pending();
+        self.file.write_all_at(&pending, at)?;
+        Ok(at + pending.len() as u64)
+    }
+
+    /// Makes the file hold every byte written so far (a direct writer keeps up to a few
+    /// MiB in memory).
+    fn flush_direct(&mut self) -> std::io::Result<()> {
+        let Some(d) = &mut self.direct else { return Ok(()) };
+        match d.flush() {
+            Err(e) if direct::refused(&e) => {
+                let len = self.fall_back_to_buffered(&e)?;
+                self.file.set_len(len)
+            }
+            r => r,
+        }
+    }
+
     /// Appends and hashes `buf` on this thread.
     fn append_in_place(&mut self, buf: &[u8]) -> std::io::Result<()> {
         self.check_room(buf.len())?;
-        self.file.write_all(buf)?;
+        self.put(buf)?;
         self.hasher.update(buf);
         self.written += buf.len() as u64;
         Ok(())
@@ -62,7 +104,7 @@ impl HashingFile {
         }
         let Some(t) = &self.hashing else { return self.append_in_place(&data) };
         t.chunks.send(data.clone()).map_err(|_| std::io::Error::other("the hashing thread stopped"))?;
-        self.file.write_all(&data)?;
+        self.put(&data)?;
         self.written += data.len() as u64;
         Ok(())
     }
@@ -95,8 +137,9 @@ impl HashingFile {
     }
 
     /// Takes the hasher back from the hashing thread, if there is one, once it has hashed
-    /// every chunk sent.
+    /// every chunk sent; leaves every byte written so far in the file.
     fn settle(&mut self) -> Result<()> {
+        self.flush_direct().map_err(|e| KilnError::io("writing an upload's temp file", e))?;
         if let Some(t) = self.hashing.take() {
             drop(t.chunks);
             self.hasher = t
@@ -166,7 +209,12 @@ impl UploadState {
     pub fn start(store: &BlobStore, digest: BlobDigest, compressed: bool) -> Result<Self> {
         let tmp = store.tmp_path();
         let file = File::create(&tmp).map_err(|e| KilnError::io(format!("creating {}", tmp.display()), e))?;
-        let hf = HashingFile { file, hasher: digest.function.hasher(), written: 0, limit: digest.size, hashing: None };
+        let direct = if digest.size >= DIRECT_ABOVE {
+            SequentialWriter::open(&tmp).map_err(|e| KilnError::io(format!("opening {} for direct writes", tmp.display()), e))?
+        } else {
+            None
+        };
+        let hf = HashingFile { file, hasher: digest.function.hasher(), written: 0, limit: digest.size, hashing: None, direct };
         let sink = if compressed {
             let dec = zstd::stream::write::Decoder::new(hf).map_err(|e| KilnError::io("starting zstd decoder", e))?;
             Sink::Zstd(Box::new(dec))
@@ -211,12 +259,14 @@ impl UploadState {
         Ok(())
     }
 
-    /// Ends the hashing thread of [`Self::write_owned`], if any: for an upload parked between
-    /// two Write calls, which must not hold a thread.
+    /// Ends the hashing thread of [`Self::write_owned`], if any, and leaves every byte
+    /// written so far in the temp file: for an upload parked between two Write calls, which
+    /// must not hold a thread, and whose file a peer may read.
     pub fn settle(&mut self) -> Result<()> {
         match self.sink.as_mut() {
             Some(Sink::Plain(f)) => f.settle(),
-            _ => Ok(()),
+            Some(Sink::Zstd(d)) => d.get_mut().settle(),
+            None => Ok(()),
         }
     }
 
@@ -224,13 +274,15 @@ impl UploadState {
     pub fn finish(mut self, store: &BlobStore) -> Result<()> {
         self.settle()?;
         let d = self.digest;
-        let hf = match self.sink.take().expect("sink present until finish") {
+        let mut hf = match self.sink.take().expect("sink present until finish") {
             Sink::Plain(f) => f,
             Sink::Zstd(dec) => match dec.finish() {
                 Ok(f) => f,
                 Err(e) => return Err(self.map_write_err(e)),
             },
         };
+        // What the decoder wrote out as it finished.
+        hf.settle()?;
         if hf.written != d.size {
             return Err(KilnError::invalid(format!(
                 "size mismatch for blob {d}: the digest says {} bytes, {} were sent",
@@ -245,6 +297,11 @@ impl UploadState {
                 d.function.name()
             )));
         }
-        store.commit(&d, &self.tmp, hf.file)
+        let warm = if hf.direct.is_some() { hf.file.try_clone().ok() } else { None };
+        store.commit(&d, &self.tmp, hf.file)?;
+        if let Some(f) = warm {
+            direct::warm_page_cache(f, d.size);
+        }
+        Ok(())
     }
 }

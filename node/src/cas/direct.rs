@@ -1,0 +1,188 @@
+//! Writes past the page cache (`O_DIRECT`), for the bytes a node writes in bulk: pack appends
+//! of whole batches and large uploads.
+//!
+//! Filling fresh page-cache pages costs the writing core a page allocation and a copy per
+//! 4 KiB, and the writeback more work later; a direct write hands an aligned buffer to the
+//! device. On this project's benchmark machine, a VM whose host takes back the memory the
+//! guest frees, a buffered 1 GiB write into fresh pages took 2.4 s of system time and a direct
+//! one 0.11 s. A direct write must start, end and sit in memory on [`ALIGN`] boundaries; where
+//! the file system refuses `O_DIRECT` (tmpfs) the callers write through the page cache.
+//! Reads stay buffered: the kernel keeps them coherent with direct writes.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// The offset, length and memory alignment of a direct write.
+pub(super) const ALIGN: usize = 4096;
+/// A [`SequentialWriter`] writes in pieces of this size.
+const STAGE: usize = 2 << 20;
+
+/// Opens `path` for direct writes; `None` if the file system does not support them.
+pub(super) fn open(path: &Path) -> std::io::Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).custom_flags(nix::fcntl::OFlag::O_DIRECT.bits()).open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if refused(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a direct open or write failed because direct I/O is not possible there (as
+/// opposed to an I/O error).
+pub(super) fn refused(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(nix::libc::EINVAL)
+}
+
+/// `len` bytes of `buf` starting at an [`ALIGN`]-aligned address (`buf` is replaced by a
+/// larger one if needed; it is over-allocated so that such a start exists).
+pub(super) fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len + ALIGN {
+        *buf = vec![0u8; len + ALIGN];
+    }
+    let off = buf.as_ptr().align_offset(ALIGN);
+    &mut buf[off..off + len]
+}
+
+/// Writes a file from its start, in order, with direct writes of [`STAGE`] bytes assembled in
+/// an aligned buffer. [`Self::flush`] makes the file hold exactly the bytes written so far.
+pub(super) struct SequentialWriter {
+    file: File,
+    buf: Vec<u8>,
+    /// File offset of the buffer's first byte (block-aligned).
+    at: u64,
+    /// Bytes in the buffer.
+    fill: usize,
+}
+
+impl SequentialWriter {
+    /// A writer for the empty file `path`; `None` if the file system refuses direct writes.
+    pub fn open(path: &Path) -> std::io::Result<Option<Self>> {
+        Ok(open(path)?.map(|file| Self { file, buf: Vec::new(), at: 0, fill: 0 }))
+    }
+
+    pub fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let stage = aligned_keeping(&mut self.buf, self.fill, STAGE);
+            let n = (STAGE - self.fill).min(data.len());
+            stage[self.fill..self.fill + n].copy_from_slice(&data[..n]);
+            self.fill += n;
+            data = &data[n..];
+            if self.fill == STAGE {
+                self.file.write_all_at(stage, self.at)?;
+                self.at += STAGE as u64;
+                self.fill = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what is buffered, the last block zero-filled, then cuts the file to the bytes
+    /// written. A partial last block stays buffered (the next write rewrites it whole), and
+    /// only it: the buffer shrinks to one block, for an upload parked a while.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        if self.fill > 0 {
+            let padded = self.fill.next_multiple_of(ALIGN);
+            let stage = aligned_keeping(&mut self.buf, self.fill, padded);
+            stage[self.fill..padded].fill(0);
+            self.file.write_all_at(&stage[..padded], self.at)?;
+            self.file.set_len(self.at + self.fill as u64)?;
+            let full = self.fill / ALIGN * ALIGN;
+            let mut small = Vec::new();
+            aligned(&mut small, ALIGN)[..self.fill - full].copy_from_slice(&stage[full..self.fill]);
+            self.buf = small;
+            self.at += full as u64;
+            self.fill -= full;
+        }
+        Ok(())
+    }
+
+    /// Gives up direct writes: the buffered bytes and their offset, for the caller to write
+    /// through the page cache.
+    pub fn into_pending(mut self) -> (u64, Vec<u8>) {
+        let fill = self.fill;
+        let pending = aligned_keeping(&mut self.buf, fill, fill.max(1))[..fill].to_vec();
+        (self.at, pending)
+    }
+}
+
+/// Warms up to this many files at once; more are left cold.
+const WARMING_MAX: usize = 2;
+/// Bytes asked of the kernel's readahead at a time.
+const WARM_STEP: u64 = 1 << 20;
+static WARMING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Has the kernel read a file just written directly back into the page cache, on a thread of
+/// its own: a blob just uploaded is often read soon (a worker fetching an action's inputs).
+/// The kernel's readahead fills the pages with device reads, not with copies by this node's
+/// cores, and the upload does not wait for it.
+pub(super) fn warm_page_cache(f: File, len: u64) {
+    use std::sync::atomic::Ordering;
+    if WARMING.fetch_add(1, Ordering::AcqRel) >= WARMING_MAX {
+        WARMING.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("kiln-warm".into()).spawn(move || {
+        // The kernel reads at most its readahead window per call.
+        let mut at = 0;
+        while at < len {
+            let n = WARM_STEP.min(len - at);
+            if nix::fcntl::posix_fadvise(&f, at as i64, n as i64, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED).is_err() {
+                break;
+            }
+            at += n;
+        }
+        WARMING.fetch_sub(1, Ordering::AcqRel);
+    });
+    if spawned.is_err() {
+        WARMING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Like [`aligned`], but a replacement buffer keeps the first `keep` bytes.
+fn aligned_keeping(buf: &mut Vec<u8>, keep: usize, len: usize) -> &mut [u8] {
+    if buf.len() < len + ALIGN {
+        let mut bigger = Vec::new();
+        if keep > 0 {
+            let old_off = buf.as_ptr().align_offset(ALIGN);
+            let kept = buf[old_off..old_off + keep].to_vec();
+            aligned(&mut bigger, len)[..keep].copy_from_slice(&kept);
+        }
+        *buf = bigger;
+    }
+    aligned(buf, len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sequential_writer_leaves_exactly_the_bytes_written_at_every_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        File::create(&path).unwrap();
+        let Some(mut w) = SequentialWriter::open(&path).unwrap() else {
+            // No O_DIRECT on this file system: callers write buffered (tested with them).
+            return;
+        };
+        let data: Vec<u8> = (0..(5 * STAGE + 12_345)).map(|i| (i * 7 + i / 4099) as u8).collect();
+        // Pieces of awkward sizes, with flushes (as when an upload is parked) in between.
+        let mut at = 0;
+        for (i, piece) in [1, 4095, 3, 1 << 20, STAGE, 777, 3 * STAGE].into_iter().enumerate() {
+            let end = (at + piece).min(data.len());
+            w.write(&data[at..end]).unwrap();
+            at = end;
+            if i % 2 == 1 {
+                w.flush().unwrap();
+                assert_eq!(std::fs::read(&path).unwrap(), &data[..at], "after {at} bytes");
+            }
+        }
+        w.write(&data[at..]).unwrap();
+        w.flush().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        let (off, pending) = w.into_pending();
+        assert_eq!(off + pending.len() as u64, data.len() as u64);
+        assert_eq!(&pending[..], &data[off as usize..]);
+    }
+}
