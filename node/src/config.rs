@@ -297,6 +297,13 @@ pub struct StorageConfig {
     /// Default 1835008.
     #[serde(default = "default_presence_cache_entries")]
     pub presence_cache_entries: usize,
+    /// Bulk writes (a pack append of 64 KiB or more, an upload of 8 MiB or more) go past the
+    /// page cache (`O_DIRECT`) where the file system allows it: they cost the node's cores
+    /// no page-cache copy, and an upload waits for the device instead. Turn off on a disk much
+    /// slower than memory (a network volume), where buffered writes absorb bursts, or where
+    /// large blobs are mostly read just after they are written. Default true.
+    #[serde(default = "default_true")]
+    pub direct_writes: bool,
     /// Unfinished ByteStream uploads kept for resumption at most. Default 1024.
     #[serde(default = "default_max_partial_uploads")]
     pub max_partial_uploads: usize,
@@ -443,6 +450,9 @@ fn default_memory_tier_max_blob_bytes() -> u64 {
 fn default_index_cache_bytes() -> u64 {
     64 << 20
 }
+fn default_true() -> bool {
+    true
+}
 fn default_presence_cache_entries() -> usize {
     2 * (7 << 20) / 8
 }
@@ -480,6 +490,7 @@ impl Default for StorageConfig {
             pack_file_bytes: default_pack_file_bytes(),
             index_cache_bytes: default_index_cache_bytes(),
             presence_cache_entries: default_presence_cache_entries(),
+            direct_writes: true,
             max_partial_uploads: default_max_partial_uploads(),
             partial_upload_ttl_secs: default_partial_upload_ttl_secs(),
         }

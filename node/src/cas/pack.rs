@@ -159,8 +159,9 @@ fn encode(blobs: &[(Key, &[u8])], out: &mut [u8]) {
 }
 
 impl Packs {
-    /// Opens the pack directory. Every existing pack is closed; the first append starts a new one.
-    pub fn open(dir: PathBuf, max_pack_bytes: u64) -> Result<Self> {
+    /// Opens the pack directory. Every existing pack is closed; the first append starts a new
+    /// one. Large appends are direct if `direct_writes` and the file system allows.
+    pub fn open(dir: PathBuf, max_pack_bytes: u64, direct_writes: bool) -> Result<Self> {
         std::fs::create_dir_all(&dir).map_err(|e| KilnError::io(format!("creating {}", dir.display()), e))?;
         let mut usage = BTreeMap::new();
         for entry in std::fs::read_dir(&dir).map_err(|e| KilnError::io(format!("listing {}", dir.display()), e))? {
@@ -180,7 +181,7 @@ impl Packs {
             active: Mutex::new(Active::new(next)),
             handles: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(OPEN_HANDLES).expect("non-zero"))),
             usage: Mutex::new(usage),
-            direct_ok: AtomicBool::new(true),
+            direct_ok: AtomicBool::new(direct_writes),
         })
     }
 
@@ -452,7 +453,7 @@ mod tests {
     #[test]
     fn records_read_back_and_a_torn_tail_ends_the_scan() {
         let dir = tempfile::tempdir().unwrap();
-        let packs = Packs::open(dir.path().join("packs"), 1 << 20).unwrap();
+        let packs = Packs::open(dir.path().join("packs"), 1 << 20, true).unwrap();
         let a = ([1u8; 33], vec![7u8; 100]);
         let b = ([2u8; 33], vec![9u8; 5000]);
         let app = packs.append(&[(a.0, &a.1), (b.0, &b.1)]).unwrap();
@@ -468,7 +469,7 @@ mod tests {
         let path = dir.path().join("packs").join(format!("{pack:08x}.pack"));
         let full = std::fs::metadata(&path).unwrap().len();
         std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(full - 10).unwrap();
-        let reopened = Packs::open(dir.path().join("packs"), 1 << 20).unwrap();
+        let reopened = Packs::open(dir.path().join("packs"), 1 << 20, true).unwrap();
         let recs = reopened.records(pack).unwrap();
         assert_eq!(recs.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(), vec![(a.0, 100), (b.0, 5000)]);
         assert!(reopened.append(&[(c.0, &c.1)]).unwrap().locs[0].pack > pack, "a new process starts a new pack");
@@ -476,8 +477,18 @@ mod tests {
 
     #[test]
     fn large_appends_bypass_the_page_cache_and_records_stay_contiguous() {
+        appends_read_back_and_scan(true);
+    }
+
+    #[test]
+    fn without_direct_writes_every_append_is_buffered() {
+        appends_read_back_and_scan(false);
+    }
+
+    /// Small and large appends in turn read back, and a scan after reopening finds them all.
+    fn appends_read_back_and_scan(direct_writes: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let packs = Packs::open(dir.path().join("packs"), 64 << 20).unwrap();
+        let packs = Packs::open(dir.path().join("packs"), 64 << 20, direct_writes).unwrap();
         let blob = |i: usize, len: usize| ([i as u8; 33], (0..len).map(|j| (i * 31 + j) as u8).collect::<Vec<u8>>());
         // Small (buffered) and large (direct) appends in turn, each ending mid-block.
         let batches: Vec<Vec<([u8; 33], Vec<u8>)>> = vec![
@@ -503,14 +514,14 @@ mod tests {
         }
         let end: u64 = written.iter().map(|w| record_len(w.1.len() as u64)).sum();
         let on_disk = std::fs::metadata(dir.path().join("packs").join(format!("{pack:08x}.pack"))).unwrap().len();
-        if packs.direct_ok.load(Ordering::Relaxed) {
+        if direct_writes && packs.direct_ok.load(Ordering::Relaxed) {
             // The last append was direct: the file ends on a block boundary, zero-filled.
             assert_eq!(on_disk, end.next_multiple_of(DIRECT_ALIGN as u64));
         } else {
-            assert_eq!(on_disk, end, "no O_DIRECT here: every append buffered");
+            assert_eq!(on_disk, end, "every append buffered");
         }
         drop(packs);
-        let reopened = Packs::open(dir.path().join("packs"), 64 << 20).unwrap();
+        let reopened = Packs::open(dir.path().join("packs"), 64 << 20, direct_writes).unwrap();
         let recs = reopened.records(pack).unwrap();
         let want: Vec<(Key, u64, Loc)> = written.iter().map(|(k, b, loc)| (*k, b.len() as u64, *loc)).collect();
         assert_eq!(recs, want, "a scan finds every record, in order, and stops at the padding");
@@ -519,13 +530,13 @@ mod tests {
     #[test]
     fn a_closed_pack_goes_when_nothing_in_it_is_live() {
         let dir = tempfile::tempdir().unwrap();
-        let packs = Packs::open(dir.path().join("packs"), 1 << 20).unwrap();
+        let packs = Packs::open(dir.path().join("packs"), 1 << 20, true).unwrap();
         let a = ([1u8; 33], vec![7u8; 100]);
         let loc = packs.append(&[(a.0, &a.1)]).unwrap().locs[0];
         packs.release(loc, 100);
         assert!(packs.ids().contains(&loc.pack), "the active pack stays");
         drop(packs);
-        let packs = Packs::open(dir.path().join("packs"), 1 << 20).unwrap();
+        let packs = Packs::open(dir.path().join("packs"), 1 << 20, true).unwrap();
         assert_eq!(packs.delete_unused(), 1);
         assert!(packs.ids().is_empty());
         assert_eq!(std::fs::read_dir(dir.path().join("packs")).unwrap().count(), 0);

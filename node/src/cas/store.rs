@@ -132,6 +132,8 @@ struct Inner {
     flush: GroupFlush,
     boot: u64,
     fsync: FsyncPolicy,
+    /// `storage.direct_writes`: large uploads bypass the page cache (packs know it too).
+    direct_writes: bool,
     syncer: Option<std::sync::mpsc::SyncSender<SyncJob>>,
     memory: Mutex<MemoryTier>,
     /// Small blobs, appended to shared files.
@@ -265,7 +267,7 @@ impl BlobStore {
         // times are the order now. (A node downgraded to such a version afterwards finds that
         // tree empty and cannot evict the blobs stored meanwhile: upgrades only.)
         db.drop_tree("cas_lru")?;
-        let packs = Packs::open(dir.join("packs"), cfg.storage.pack_file_bytes)?;
+        let packs = Packs::open(dir.join("packs"), cfg.storage.pack_file_bytes, cfg.storage.direct_writes)?;
         let mut total = 0u64;
         let absent = AbsentFilter::default();
         for item in index.iter() {
@@ -297,6 +299,7 @@ impl BlobStore {
             flush: GroupFlush::new(db.clone()),
             boot,
             fsync: cfg.storage.fsync,
+            direct_writes: cfg.storage.direct_writes,
             syncer,
             absent,
             presence: parking_lot::RwLock::new(PresenceCache::new(cfg.storage.presence_cache_entries)),
@@ -356,6 +359,11 @@ impl BlobStore {
     /// The index database's group flush (the Action Cache shares the database and the flush).
     pub fn group_flush(&self) -> GroupFlush {
         self.0.flush.clone()
+    }
+
+    /// Whether large uploads are written past the page cache (`storage.direct_writes`).
+    pub(super) fn direct_writes(&self) -> bool {
+        self.0.direct_writes
     }
 
     pub(super) fn tmp_path(&self) -> PathBuf {

@@ -209,7 +209,7 @@ impl UploadState {
     pub fn start(store: &BlobStore, digest: BlobDigest, compressed: bool) -> Result<Self> {
         let tmp = store.tmp_path();
         let file = File::create(&tmp).map_err(|e| KilnError::io(format!("creating {}", tmp.display()), e))?;
-        let direct = if digest.size >= DIRECT_ABOVE {
+        let direct = if store.direct_writes() && digest.size >= DIRECT_ABOVE {
             SequentialWriter::open(&tmp).map_err(|e| KilnError::io(format!("opening {} for direct writes", tmp.display()), e))?
         } else {
             None
