@@ -226,12 +226,19 @@ fn packed_blobs_are_found_after_a_crash_and_damaged_records_are_never_served() {
         db.flush().unwrap();
     }
     // Rot one byte of blob 7's record (its bytes are at the end of it), and tear the last
-    // (the file may go on past it: a direct append ends on a block boundary, zero-filled).
+    // (records are found by their hash: a direct append starts on a block boundary, and the
+    // file may go on past the last record, zero-filled).
     let pack = &pack_files(dir.path())[0];
     let mut bytes = std::fs::read(pack).unwrap();
-    let end = |n: usize| -> usize { (0..n).map(|i| 45 + blobs[i].len()).sum() };
-    bytes[end(8) - 1] ^= 0x40;
-    bytes.truncate(end(300) - 100);
+    let end_of = |bytes: &[u8], i: usize| -> usize {
+        let hash = &digests[i].hash[..];
+        let at = bytes.windows(hash.len()).position(|w| w == hash).unwrap();
+        at + hash.len() + 8 + blobs[i].len()
+    };
+    let end7 = end_of(&bytes, 7);
+    bytes[end7 - 1] ^= 0x40;
+    let end299 = end_of(&bytes, 299);
+    bytes.truncate(end299 - 100);
     std::fs::write(pack, &bytes).unwrap();
 
     let store = BlobStore::open(&cfg, &open_index(dir.path())).unwrap();

@@ -45,7 +45,7 @@ pub(super) fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
 }
 
 /// Writes a file from its start, in order, with direct writes of [`STAGE`] bytes assembled in
-/// an aligned buffer. [`Self::flush`] makes the file hold exactly the bytes written so far.
+/// an aligned buffer; [`Self::flush`] writes the rest.
 pub(super) struct SequentialWriter {
     file: File,
     buf: Vec<u8>,
@@ -63,7 +63,8 @@ impl SequentialWriter {
 
     pub fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
         while !data.is_empty() {
-            let stage = aligned_keeping(&mut self.buf, self.fill, STAGE);
+            // Allocated on the first write, at full size: never replaced while it holds bytes.
+            let stage = aligned(&mut self.buf, STAGE);
             let n = (STAGE - self.fill).min(data.len());
             stage[self.fill..self.fill + n].copy_from_slice(&data[..n]);
             self.fill += n;
@@ -78,21 +79,17 @@ impl SequentialWriter {
     }
 
     /// Writes what is buffered, the last block zero-filled, then cuts the file to the bytes
-    /// written. A partial last block stays buffered (the next write rewrites it whole), and
-    /// only it: the buffer shrinks to one block, for an upload parked a while.
+    /// written: the file then holds exactly them. The last call: what follows is written
+    /// through the page cache, since a direct write over the block just written could race
+    /// a reader of it (a parked upload's file is read by peers) and leave a stale page. On an
+    /// error nothing changes, so [`Self::into_pending`] still has every byte.
     pub fn flush(&mut self) -> std::io::Result<()> {
         if self.fill > 0 {
             let padded = self.fill.next_multiple_of(ALIGN);
-            let stage = aligned_keeping(&mut self.buf, self.fill, padded);
+            let stage = aligned(&mut self.buf, padded);
             stage[self.fill..padded].fill(0);
             self.file.write_all_at(&stage[..padded], self.at)?;
             self.file.set_len(self.at + self.fill as u64)?;
-            let full = self.fill / ALIGN * ALIGN;
-            let mut small = Vec::new();
-            aligned(&mut small, ALIGN)[..self.fill - full].copy_from_slice(&stage[full..self.fill]);
-            self.buf = small;
-            self.at += full as u64;
-            self.fill -= full;
         }
         Ok(())
     }
@@ -101,7 +98,7 @@ impl SequentialWriter {
     /// through the page cache.
     pub fn into_pending(mut self) -> (u64, Vec<u8>) {
         let fill = self.fill;
-        let pending = aligned_keeping(&mut self.buf, fill, fill.max(1))[..fill].to_vec();
+        let pending = if fill == 0 { Vec::new() } else { aligned(&mut self.buf, fill)[..fill].to_vec() };
         (self.at, pending)
     }
 }
@@ -139,50 +136,36 @@ pub(super) fn warm_page_cache(f: File, len: u64) {
     }
 }
 
-/// Like [`aligned`], but a replacement buffer keeps the first `keep` bytes.
-fn aligned_keeping(buf: &mut Vec<u8>, keep: usize, len: usize) -> &mut [u8] {
-    if buf.len() < len + ALIGN {
-        let mut bigger = Vec::new();
-        if keep > 0 {
-            let old_off = buf.as_ptr().align_offset(ALIGN);
-            let kept = buf[old_off..old_off + keep].to_vec();
-            aligned(&mut bigger, len)[..keep].copy_from_slice(&kept);
-        }
-        *buf = bigger;
-    }
-    aligned(buf, len)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_sequential_writer_leaves_exactly_the_bytes_written_at_every_flush() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        File::create(&path).unwrap();
-        let Some(mut w) = SequentialWriter::open(&path).unwrap() else {
-            // No O_DIRECT on this file system: callers write buffered (tested with them).
-            return;
-        };
-        let data: Vec<u8> = (0..(5 * STAGE + 12_345)).map(|i| (i * 7 + i / 4099) as u8).collect();
-        // Pieces of awkward sizes, with flushes (as when an upload is parked) in between.
-        let mut at = 0;
-        for (i, piece) in [1, 4095, 3, 1 << 20, STAGE, 777, 3 * STAGE].into_iter().enumerate() {
-            let end = (at + piece).min(data.len());
-            w.write(&data[at..end]).unwrap();
-            at = end;
-            if i % 2 == 1 {
-                w.flush().unwrap();
-                assert_eq!(std::fs::read(&path).unwrap(), &data[..at], "after {at} bytes");
+    fn a_sequential_writer_leaves_exactly_the_bytes_written() {
+        for total in [0, 1, ALIGN, STAGE, 5 * STAGE + 12_345] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("f");
+            File::create(&path).unwrap();
+            let Some(mut w) = SequentialWriter::open(&path).unwrap() else {
+                // No O_DIRECT on this file system: callers write buffered (tested with them).
+                return;
+            };
+            let data: Vec<u8> = (0..total).map(|i| (i * 7 + i / 4099) as u8).collect();
+            // Pieces of awkward sizes.
+            let mut at = 0;
+            for piece in [1, 4095, 3, 1 << 20, STAGE, 777].into_iter().cycle() {
+                if at == data.len() {
+                    break;
+                }
+                let end = (at + piece).min(data.len());
+                w.write(&data[at..end]).unwrap();
+                at = end;
             }
+            w.flush().unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), data, "{total} bytes");
+            let (off, pending) = w.into_pending();
+            assert_eq!(off + pending.len() as u64, data.len() as u64);
+            assert_eq!(&pending[..], &data[off as usize..]);
         }
-        w.write(&data[at..]).unwrap();
-        w.flush().unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), data);
-        let (off, pending) = w.into_pending();
-        assert_eq!(off + pending.len() as u64, data.len() as u64);
-        assert_eq!(&pending[..], &data[off as usize..]);
     }
 }

@@ -16,12 +16,15 @@
 //! Large appends bypass the page cache: an append of [`DIRECT_MIN`] bytes or more (a
 //! BatchUpdateBlobs of a few dozen blobs) is written with `O_DIRECT` ([`super::direct`])
 //! through a second handle of the pack. Direct writes must start and end on block
-//! boundaries, so one starts at the block holding the pack's end and rewrites the bytes
-//! already there (kept in memory, [`Active::tail`]) before the new records, and ends with
-//! zeros that the next append overwrites: records stay contiguous and the format is
-//! unchanged (a scan stops at the zeros after the last record, as at a torn tail). Reads
-//! stay buffered; the memory tier holds what was just written. Where the file system refuses
-//! `O_DIRECT` (tmpfs), appends are buffered.
+//! boundaries, so one starts at the first block boundary at or after the pack's end and
+//! ends zero-filled. It never touches a block that holds a record already written: such a
+//! block may be in the page cache, being read, and the kernel can fail to drop a page a
+//! reader holds while a direct write replaces it, leaving a stale copy for later reads.
+//! Nothing can read where a direct write goes: it is past the file's end until the write
+//! completes. So records are contiguous but for runs of zeros that end on a block boundary
+//! (the gap before a direct append, or its padding where the next buffered append did not
+//! cover it); a scan steps over those. Reads stay buffered; the memory tier holds what was
+//! just written. Where the file system refuses `O_DIRECT`, appends are buffered.
 //!
 //! Space: each pack's live bytes are known from the index (counted at start, updated as
 //! blobs are added and dropped). A pack with nothing live is deleted; a closed pack less than
@@ -79,10 +82,8 @@ struct Active {
     file: Option<Arc<File>>,
     /// The active pack opened with `O_DIRECT`, while direct writes to it work.
     direct: Option<File>,
+    /// Where the next buffered append goes: the end of the last record.
     len: u64,
-    /// The pack's bytes from `len` rounded down to [`DIRECT_ALIGN`] up to `len`: what a
-    /// direct append rewrites before its records.
-    tail: Vec<u8>,
     /// The buffer direct appends are assembled in (over-allocated by [`DIRECT_ALIGN`] for
     /// alignment).
     buf: Vec<u8>,
@@ -90,29 +91,13 @@ struct Active {
 
 impl Active {
     fn new(id: u32) -> Self {
-        Self { id, file: None, direct: None, len: 0, tail: Vec::new(), buf: Vec::new() }
+        Self { id, file: None, direct: None, len: 0, buf: Vec::new() }
     }
 
-    /// After a write that may have landed in part: later records go after whatever did, and
-    /// the tail is no longer known, so no more direct writes to this pack.
+    /// After a write that may have landed in part: later records go after whatever did.
     fn after_failed_write(&mut self, file: &File) {
         if let Ok(md) = file.metadata() {
             self.len = self.len.max(md.len());
-        }
-        self.direct = None;
-        self.tail.clear();
-    }
-
-    /// Records that `written` (the bytes of an append that began at the old `len`) now end
-    /// the pack.
-    fn advance(&mut self, written: &[u8]) {
-        self.len += written.len() as u64;
-        let keep = (self.len % DIRECT_ALIGN as u64) as usize;
-        if keep <= written.len() {
-            self.tail.clear();
-            self.tail.extend_from_slice(&written[written.len() - keep..]);
-        } else {
-            self.tail.extend_from_slice(written);
         }
     }
 }
@@ -204,7 +189,7 @@ impl Packs {
         let total: u64 = blobs.iter().map(|(_, b)| record_len(b.len() as u64)).sum();
         let want_direct = total >= DIRECT_MIN && self.direct_ok.load(Ordering::Relaxed);
         // A buffered append's records are assembled before taking the lock; a direct one's
-        // in the aligned buffer behind the pack's tail, under it.
+        // in the aligned buffer, under it.
         let mut buf = Vec::new();
         if !want_direct {
             buf = vec![0u8; total as usize];
@@ -240,11 +225,14 @@ impl Packs {
             new_pack = true;
         }
         let file = a.file.clone().expect("an active pack is open");
-        let start = a.len;
+        let mut start = a.len;
         let mut direct = false;
         if want_direct && a.direct.is_some() {
             match self.write_direct(&mut a, blobs, total) {
-                Ok(()) => direct = true,
+                Ok(at) => {
+                    start = at;
+                    direct = true;
+                }
                 // Refused (alignment, file system): no more direct writes; buffered below.
                 Err(e) if direct::refused(&e) => {
                     tracing::warn!(error = %e, "a direct pack write was refused: pack appends go through the page cache");
@@ -268,7 +256,7 @@ impl Packs {
                 self.usage.lock().entry(a.id).or_default().len = a.len;
                 return Err(KilnError::io(format!("appending to pack {}", self.path(a.id).display()), e));
             }
-            a.advance(&buf);
+            a.len += total;
         }
         let id = a.id;
         {
@@ -285,28 +273,25 @@ impl Packs {
         Ok(Appended { locs, file, new_pack })
     }
 
-    /// Writes `blobs` (`total` bytes of records) at the end of the active pack with one
-    /// direct write: from the start of the block holding the end, whose bytes
-    /// ([`Active::tail`]) go first, to the next block boundary, zero-filled.
-    fn write_direct(&self, a: &mut Active, blobs: &[(Key, &[u8])], total: u64) -> std::io::Result<()> {
-        let tail = a.tail.len();
-        let len = tail + total as usize;
+    /// Writes `blobs` (`total` bytes of records) with one direct write at the first block
+    /// boundary at or after the active pack's end, zero-filled to the next one. Returns
+    /// where the records start.
+    fn write_direct(&self, a: &mut Active, blobs: &[(Key, &[u8])], total: u64) -> std::io::Result<u64> {
+        let at = a.len.next_multiple_of(DIRECT_ALIGN as u64);
+        let len = total as usize;
         let padded = len.next_multiple_of(DIRECT_ALIGN);
-        let at = a.len - tail as u64;
-        debug_assert_eq!(at % DIRECT_ALIGN as u64, 0, "the tail starts on a block boundary");
         let mut buf = std::mem::take(&mut a.buf);
         let out = aligned(&mut buf, padded);
-        out[..tail].copy_from_slice(&a.tail);
-        encode(blobs, &mut out[tail..len]);
+        encode(blobs, &mut out[..len]);
         out[len..].fill(0);
         let written = a.direct.as_ref().expect("checked by the caller").write_all_at(out, at);
         if written.is_ok() {
-            a.advance(&out[tail..len]);
+            a.len = at + total;
         }
         if buf.len() <= DIRECT_BUF_KEEP + DIRECT_ALIGN {
             a.buf = buf;
         }
-        written
+        written.map(|()| at)
     }
 
     fn handle(&self, id: u32) -> std::io::Result<Arc<File>> {
@@ -414,7 +399,8 @@ impl Packs {
     }
 
     /// The records of pack `id` in order, up to the first that does not parse (a torn tail):
-    /// `(key, size, location)`.
+    /// `(key, size, location)`. Zeros from inside a block to its end are stepped over (the gap
+    /// before a direct append); zeros at a block's start end the scan.
     pub fn records(&self, id: u32) -> Result<Vec<(Key, u64, Loc)>> {
         let path = self.path(id);
         let f = match File::open(&path) {
@@ -428,8 +414,16 @@ impl Packs {
         let mut offset = 0u64;
         let mut header = [0u8; HEADER as usize];
         while offset + HEADER <= len {
-            if r.read_exact(&mut header).is_err() || header[..4] != MAGIC {
+            if r.read_exact(&mut header).is_err() {
                 break;
+            }
+            if header[..4] != MAGIC {
+                let next = offset.next_multiple_of(DIRECT_ALIGN as u64);
+                if header[..4] != [0; 4] || next == offset || r.seek_relative(next as i64 - (offset + HEADER) as i64).is_err() {
+                    break;
+                }
+                offset = next;
+                continue;
             }
             let key: Key = header[4..4 + 1 + HASH_LEN].try_into().expect("key length");
             let size = u64::from_le_bytes(header[4 + 1 + HASH_LEN..].try_into().expect("8 bytes"));
@@ -476,7 +470,7 @@ mod tests {
     }
 
     #[test]
-    fn large_appends_bypass_the_page_cache_and_records_stay_contiguous() {
+    fn large_appends_bypass_the_page_cache_on_block_boundaries_and_a_scan_steps_over_the_gaps() {
         appends_read_back_and_scan(true);
     }
 
@@ -499,26 +493,47 @@ mod tests {
             (25..45).map(|i| blob(i, 5000 - i)).collect(),
             (45..65).map(|i| blob(i, 4000)).collect(),
         ];
-        let mut written = Vec::new();
-        for batch in &batches {
+        let mut written: Vec<(Key, Vec<u8>, Loc)> = Vec::new();
+        let append = |batch: &[([u8; 33], Vec<u8>)], written: &mut Vec<(Key, Vec<u8>, Loc)>| {
             let refs: Vec<(Key, &[u8])> = batch.iter().map(|(k, b)| (*k, &b[..])).collect();
             let app = packs.append(&refs).unwrap();
             for ((k, b), loc) in batch.iter().zip(app.locs) {
                 written.push((*k, b.clone(), loc));
             }
+        };
+        for batch in &batches {
+            append(batch, &mut written);
         }
+        // A record ending 16 bytes short of a block boundary, then a direct append: a gap
+        // shorter than a record header.
+        let last = written.last().unwrap();
+        let end_now = last.2.offset + record_len(last.1.len() as u64);
+        let size = (DIRECT_ALIGN as u64 - 16 - (end_now + HEADER) % DIRECT_ALIGN as u64) % DIRECT_ALIGN as u64;
+        append(&[blob(65, size as usize)], &mut written);
+        append(&(66..86).map(|i| blob(i, 4000)).collect::<Vec<_>>(), &mut written);
         let pack = written[0].2.pack;
         assert!(written.iter().all(|w| w.2.pack == pack), "one pack");
         for (k, b, loc) in &written {
             assert_eq!(&packs.read(*loc, k, b.len() as u64).unwrap().unwrap()[..], &b[..], "record at {loc:?}");
         }
         let end: u64 = written.iter().map(|w| record_len(w.1.len() as u64)).sum();
-        let on_disk = std::fs::metadata(dir.path().join("packs").join(format!("{pack:08x}.pack"))).unwrap().len();
+        let gap_before_last = written[65].2.offset - (written[64].2.offset + record_len(written[64].1.len() as u64));
         if direct_writes && packs.direct_ok.load(Ordering::Relaxed) {
-            // The last append was direct: the file ends on a block boundary, zero-filled.
-            assert_eq!(on_disk, end.next_multiple_of(DIRECT_ALIGN as u64));
+            assert_eq!(gap_before_last, 16, "the last direct append follows a gap of 16 bytes");
+        }
+        let on_disk = std::fs::metadata(dir.path().join("packs").join(format!("{pack:08x}.pack"))).unwrap().len();
+        let last = written.last().unwrap();
+        let last_end = last.2.offset + record_len(last.1.len() as u64);
+        if direct_writes && packs.direct_ok.load(Ordering::Relaxed) {
+            // Each direct append starts on a block boundary, and the last one ends zero-filled
+            // on one.
+            for batch_start in [1, 24, 44, 65] {
+                assert_eq!(written[batch_start].2.offset % DIRECT_ALIGN as u64, 0, "batch at {batch_start}");
+            }
+            assert_eq!(on_disk, last_end.next_multiple_of(DIRECT_ALIGN as u64));
         } else {
-            assert_eq!(on_disk, end, "every append buffered");
+            assert_eq!(on_disk, end, "every append buffered: records back to back");
+            assert_eq!(last_end, end);
         }
         drop(packs);
         let reopened = Packs::open(dir.path().join("packs"), 64 << 20, direct_writes).unwrap();

@@ -74,15 +74,19 @@ impl HashingFile {
     }
 
     /// Makes the file hold every byte written so far (a direct writer keeps up to a few
-    /// MiB in memory).
+    /// MiB in memory). An upload parked and resumed goes on through the page cache.
     fn flush_direct(&mut self) -> std::io::Result<()> {
         let Some(d) = &mut self.direct else { return Ok(()) };
         match d.flush() {
+            Ok(()) => {
+                self.direct = None;
+                Ok(())
+            }
             Err(e) if direct::refused(&e) => {
                 let len = self.fall_back_to_buffered(&e)?;
                 self.file.set_len(len)
             }
-            r => r,
+            Err(e) => Err(e),
         }
     }
 
