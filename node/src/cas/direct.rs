@@ -28,6 +28,13 @@ pub(super) fn open(path: &Path) -> std::io::Result<Option<File>> {
     }
 }
 
+/// The alignment of a direct write that must not share a page with bytes written before it:
+/// the larger of [`ALIGN`] and the memory page size (64 KiB on some arm64 and ppc64 kernels).
+pub(super) fn page_align() -> u64 {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(0);
+    (page.max(0) as u64).max(ALIGN as u64)
+}
+
 /// Whether a direct open or write failed because direct I/O is not possible there (as
 /// opposed to an I/O error).
 pub(super) fn refused(e: &std::io::Error) -> bool {

@@ -121,6 +121,9 @@ pub(super) struct Packs {
     usage: Mutex<BTreeMap<u32, Usage>>,
     /// Cleared when the file system refuses `O_DIRECT`.
     direct_ok: AtomicBool,
+    /// Where a direct append may start: a multiple of the page size, so that it never
+    /// shares a page with records written before it.
+    direct_start: u64,
 }
 
 fn record_len(size: u64) -> u64 {
@@ -167,6 +170,7 @@ impl Packs {
             handles: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(OPEN_HANDLES).expect("non-zero"))),
             usage: Mutex::new(usage),
             direct_ok: AtomicBool::new(direct_writes),
+            direct_start: direct::page_align(),
         })
     }
 
@@ -213,13 +217,24 @@ impl Packs {
                 .open(&path)
                 .map_err(|e| KilnError::io(format!("creating pack {}", path.display()), e))?;
             let direct = if self.direct_ok.load(Ordering::Relaxed) {
-                direct::open(&path).map_err(|e| KilnError::io(format!("opening pack {} for direct writes", path.display()), e))?
+                // The pack exists now: whatever goes wrong here, appends go on through the page
+                // cache rather than fail.
+                match direct::open(&path) {
+                    Ok(Some(f)) => Some(f),
+                    Ok(None) => {
+                        if self.direct_ok.swap(false, Ordering::Relaxed) {
+                            tracing::info!(dir = %self.dir.display(), "the file system refuses O_DIRECT: pack appends go through the page cache");
+                        }
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(pack = %path.display(), error = %e, "opening a pack for direct writes failed: its appends go through the page cache");
+                        None
+                    }
+                }
             } else {
                 None
             };
-            if direct.is_none() && self.direct_ok.swap(false, Ordering::Relaxed) {
-                tracing::info!(dir = %self.dir.display(), "the file system does not support O_DIRECT: pack appends go through the page cache");
-            }
             let buf = std::mem::take(&mut a.buf);
             *a = Active { file: Some(Arc::new(f)), direct, buf, ..Active::new(id) };
             new_pack = true;
@@ -277,7 +292,7 @@ impl Packs {
     /// boundary at or after the active pack's end, zero-filled to the next one. Returns
     /// where the records start.
     fn write_direct(&self, a: &mut Active, blobs: &[(Key, &[u8])], total: u64) -> std::io::Result<u64> {
-        let at = a.len.next_multiple_of(DIRECT_ALIGN as u64);
+        let at = a.len.next_multiple_of(self.direct_start);
         let len = total as usize;
         let padded = len.next_multiple_of(DIRECT_ALIGN);
         let mut buf = std::mem::take(&mut a.buf);
@@ -399,8 +414,8 @@ impl Packs {
     }
 
     /// The records of pack `id` in order, up to the first that does not parse (a torn tail):
-    /// `(key, size, location)`. Zeros from inside a block to its end are stepped over (the gap
-    /// before a direct append); zeros at a block's start end the scan.
+    /// `(key, size, location)`. Zeros up to a block boundary are stepped over, block by block:
+    /// the gap before a direct append, or the padding after one.
     pub fn records(&self, id: u32) -> Result<Vec<(Key, u64, Loc)>> {
         let path = self.path(id);
         let f = match File::open(&path) {
@@ -418,8 +433,10 @@ impl Packs {
                 break;
             }
             if header[..4] != MAGIC {
-                let next = offset.next_multiple_of(DIRECT_ALIGN as u64);
-                if header[..4] != [0; 4] || next == offset || r.seek_relative(next as i64 - (offset + HEADER) as i64).is_err() {
+                // Zeros up to the next block boundary: step over them.
+                let next = (offset + 1).next_multiple_of(DIRECT_ALIGN as u64);
+                let gap = (next - offset).min(HEADER) as usize;
+                if header[..gap].iter().any(|b| *b != 0) || r.seek_relative(next as i64 - (offset + HEADER) as i64).is_err() {
                     break;
                 }
                 offset = next;
@@ -483,7 +500,11 @@ mod tests {
     fn appends_read_back_and_scan(direct_writes: bool) {
         let dir = tempfile::tempdir().unwrap();
         let packs = Packs::open(dir.path().join("packs"), 64 << 20, direct_writes).unwrap();
-        let blob = |i: usize, len: usize| ([i as u8; 33], (0..len).map(|j| (i * 31 + j) as u8).collect::<Vec<u8>>());
+        let blob = |i: usize, len: usize| {
+            let mut key = [i as u8; 33];
+            key[..2].copy_from_slice(&(i as u16).to_le_bytes());
+            (key, (0..len).map(|j| (i * 31 + j) as u8).collect::<Vec<u8>>())
+        };
         // Small (buffered) and large (direct) appends in turn, each ending mid-block.
         let batches: Vec<Vec<([u8; 33], Vec<u8>)>> = vec![
             vec![blob(1, 100)],
@@ -504,22 +525,31 @@ mod tests {
         for batch in &batches {
             append(batch, &mut written);
         }
-        // A record ending 16 bytes short of a block boundary, then a direct append: a gap
-        // shorter than a record header.
-        let last = written.last().unwrap();
-        let end_now = last.2.offset + record_len(last.1.len() as u64);
-        let size = (DIRECT_ALIGN as u64 - 16 - (end_now + HEADER) % DIRECT_ALIGN as u64) % DIRECT_ALIGN as u64;
-        append(&[blob(65, size as usize)], &mut written);
-        append(&(66..86).map(|i| blob(i, 4000)).collect::<Vec<_>>(), &mut written);
+        // Gaps before a direct append of every awkward size: shorter than the zeros a scan
+        // checks for (4 bytes), than a header (45), and longer.
+        // (Where pages are larger than 4 KiB, direct appends start on page boundaries instead.)
+        let gaps: &[u64] = if packs.direct_start == DIRECT_ALIGN as u64 { &[1, 2, 3, 4, 16, 44, 45, 46, 4000] } else { &[] };
+        let mut gap_at = Vec::new();
+        for (g, gap) in gaps.iter().enumerate() {
+            let last = written.last().unwrap();
+            let end_now = last.2.offset + record_len(last.1.len() as u64);
+            let align = packs.direct_start;
+            let size = (2 * align - gap - (end_now + HEADER) % align) % align;
+            append(&[blob(100 + g, size as usize)], &mut written);
+            gap_at.push(written.len());
+            append(&(0..17).map(|i| blob(120 + 20 * g + i, 4000)).collect::<Vec<_>>(), &mut written);
+        }
         let pack = written[0].2.pack;
         assert!(written.iter().all(|w| w.2.pack == pack), "one pack");
         for (k, b, loc) in &written {
             assert_eq!(&packs.read(*loc, k, b.len() as u64).unwrap().unwrap()[..], &b[..], "record at {loc:?}");
         }
         let end: u64 = written.iter().map(|w| record_len(w.1.len() as u64)).sum();
-        let gap_before_last = written[65].2.offset - (written[64].2.offset + record_len(written[64].1.len() as u64));
         if direct_writes && packs.direct_ok.load(Ordering::Relaxed) {
-            assert_eq!(gap_before_last, 16, "the last direct append follows a gap of 16 bytes");
+            for (gap, i) in gaps.iter().zip(&gap_at) {
+                let before = &written[i - 1];
+                assert_eq!(written[*i].2.offset - (before.2.offset + record_len(before.1.len() as u64)), *gap);
+            }
         }
         let on_disk = std::fs::metadata(dir.path().join("packs").join(format!("{pack:08x}.pack"))).unwrap().len();
         let last = written.last().unwrap();
@@ -527,8 +557,8 @@ mod tests {
         if direct_writes && packs.direct_ok.load(Ordering::Relaxed) {
             // Each direct append starts on a block boundary, and the last one ends zero-filled
             // on one.
-            for batch_start in [1, 24, 44, 65] {
-                assert_eq!(written[batch_start].2.offset % DIRECT_ALIGN as u64, 0, "batch at {batch_start}");
+            for batch_start in [1, 24, 44].into_iter().chain(gap_at.iter().copied()) {
+                assert_eq!(written[batch_start].2.offset % packs.direct_start, 0, "batch at {batch_start}");
             }
             assert_eq!(on_disk, last_end.next_multiple_of(DIRECT_ALIGN as u64));
         } else {

@@ -31,6 +31,8 @@ struct HashingFile {
     hashing: Option<HashThread>,
     /// For a large upload: the file's direct writer (`file` then holds only the result).
     direct: Option<SequentialWriter>,
+    /// Some of the file was written directly: worth reading back into the page cache.
+    wrote_direct: bool,
 }
 
 /// A thread hashing a large upload's chunks while the writer copies them into the file: the
@@ -218,7 +220,8 @@ impl UploadState {
         } else {
             None
         };
-        let hf = HashingFile { file, hasher: digest.function.hasher(), written: 0, limit: digest.size, hashing: None, direct };
+        let wrote_direct = direct.is_some();
+        let hf = HashingFile { file, hasher: digest.function.hasher(), written: 0, limit: digest.size, hashing: None, direct, wrote_direct };
         let sink = if compressed {
             let dec = zstd::stream::write::Decoder::new(hf).map_err(|e| KilnError::io("starting zstd decoder", e))?;
             Sink::Zstd(Box::new(dec))
@@ -301,7 +304,7 @@ impl UploadState {
                 d.function.name()
             )));
         }
-        let warm = if hf.direct.is_some() { hf.file.try_clone().ok() } else { None };
+        let warm = if hf.wrote_direct { hf.file.try_clone().ok() } else { None };
         store.commit(&d, &self.tmp, hf.file)?;
         if let Some(f) = warm {
             direct::warm_page_cache(f, d.size);
