@@ -15,6 +15,8 @@ pub const CAS_CORRUPT_BLOBS: &str = "kiln_cas_corrupt_blobs_total";
 pub const CAS_FSYNC_BATCHES: &str = "kiln_cas_fsync_batches_total";
 pub const CAS_PACK_RECORDS_MOVED: &str = "kiln_cas_pack_records_moved_total";
 pub const CAS_PACK_DIRECT_BYTES: &str = "kiln_cas_pack_direct_bytes_total";
+pub const CAS_UPLOAD_DIRECT_BYTES: &str = "kiln_cas_upload_direct_bytes_total";
+pub const CAS_READ_BACK_BYTES: &str = "kiln_cas_read_back_bytes_total";
 pub const INDEX_FLUSHES: &str = "kiln_index_flushes_total";
 pub const AC_HITS: &str = "kiln_ac_hits_total";
 pub const AC_MISSES: &str = "kiln_ac_misses_total";
@@ -42,6 +44,8 @@ pub fn describe() {
     describe_counter!(CAS_FSYNC_BATCHES, "group-commit fsync batches");
     describe_counter!(CAS_PACK_RECORDS_MOVED, "small blobs moved out of mostly unused packs by compaction");
     describe_counter!(CAS_PACK_DIRECT_BYTES, "bytes of small-blob records appended to packs with O_DIRECT, past the page cache");
+    describe_counter!(CAS_UPLOAD_DIRECT_BYTES, "bytes of large uploads written with O_DIRECT, past the page cache");
+    describe_counter!(CAS_READ_BACK_BYTES, "bytes of uploads written past the page cache that the kernel was asked to read back into it");
     describe_counter!(INDEX_FLUSHES, "flushes of the index database shared by concurrent durable writes");
     describe_counter!(AC_HITS, "GetActionResult calls answered with a result");
     describe_counter!(AC_MISSES, "GetActionResult calls answered NOT_FOUND");

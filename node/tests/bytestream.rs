@@ -178,3 +178,36 @@ async fn large_uploads_resume_across_calls_and_are_checked() {
     assert!(e.message().contains("hash mismatch"), "{e:?}");
     assert!(bs_read(&n, &blob_resource("", &claimed), 0, 0).await.is_err(), "a mismatching blob is not stored");
 }
+
+/// A large upload is written past the page cache and afterwards read back into it, where the
+/// file system takes direct writes (the node's counters show both); it reads back intact.
+#[tokio::test]
+async fn a_large_upload_goes_past_the_page_cache_and_is_read_back_into_it() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let n = TestNode::start().await;
+    let data = pseudo_random(12 << 20, 91);
+    let d = sha256(&data);
+    bs_write(&n, &upload_resource("", "direct", &d), &data).await.unwrap();
+    assert_eq!(bs_read(&n, &blob_resource("", &d), 0, 0).await.unwrap(), data);
+
+    let probe = n.dir.path().join("o_direct_probe");
+    std::fs::write(&probe, b"").unwrap();
+    let direct_ok = std::fs::OpenOptions::new().write(true).custom_flags(nix::fcntl::OFlag::O_DIRECT.bits()).open(&probe).is_ok();
+    let http = n.node.as_ref().unwrap().http_addr;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (direct, read_back) = loop {
+        let page = http_get(http, "/metrics").await;
+        let got = (metric(&page, "kiln_cas_upload_direct_bytes_total"), metric(&page, "kiln_cas_read_back_bytes_total"));
+        // The read-back runs on a thread of its own after the upload is acknowledged.
+        if !direct_ok || got.1 >= data.len() as f64 || tokio::time::Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    if direct_ok {
+        assert_eq!(direct, data.len() as f64, "every byte written directly");
+        assert_eq!(read_back, data.len() as f64, "and read back into the page cache");
+    } else {
+        assert_eq!((direct, read_back), (0.0, 0.0), "no O_DIRECT here: written through the page cache");
+    }
+}

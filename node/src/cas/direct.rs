@@ -78,6 +78,7 @@ impl SequentialWriter {
             data = &data[n..];
             if self.fill == STAGE {
                 self.file.write_all_at(stage, self.at)?;
+                metrics::counter!(crate::metrics::CAS_UPLOAD_DIRECT_BYTES).increment(STAGE as u64);
                 self.at += STAGE as u64;
                 self.fill = 0;
             }
@@ -97,6 +98,7 @@ impl SequentialWriter {
             stage[self.fill..padded].fill(0);
             self.file.write_all_at(&stage[..padded], self.at)?;
             self.file.set_len(self.at + self.fill as u64)?;
+            metrics::counter!(crate::metrics::CAS_UPLOAD_DIRECT_BYTES).increment(self.fill as u64);
         }
         Ok(())
     }
@@ -136,6 +138,7 @@ pub(super) fn warm_page_cache(f: File, len: u64) {
             }
             at += n;
         }
+        metrics::counter!(crate::metrics::CAS_READ_BACK_BYTES).increment(at);
         WARMING.fetch_sub(1, Ordering::AcqRel);
     });
     if spawned.is_err() {
