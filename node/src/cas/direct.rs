@@ -112,10 +112,25 @@ impl SequentialWriter {
     }
 }
 
+/// Asks the kernel to read `from..to` of `f` into the page cache, without waiting for it, a
+/// step at a time (it reads at most its readahead window per call). Returns where it got to:
+/// `to`, or where the kernel refused.
+pub(super) fn read_ahead(f: &File, from: u64, to: u64) -> u64 {
+    let mut at = from;
+    while at < to {
+        let n = READ_AHEAD_STEP.min(to - at);
+        if nix::fcntl::posix_fadvise(f, at as i64, n as i64, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED).is_err() {
+            break;
+        }
+        at += n;
+    }
+    at
+}
+
 /// Warms up to this many files at once; more are left cold.
 const WARMING_MAX: usize = 2;
 /// Bytes asked of the kernel's readahead at a time.
-const WARM_STEP: u64 = 1 << 20;
+const READ_AHEAD_STEP: u64 = 1 << 20;
 static WARMING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Has the kernel read a file just written directly back into the page cache, on a thread of
@@ -129,16 +144,8 @@ pub(super) fn warm_page_cache(f: File, len: u64) {
         return;
     }
     let spawned = std::thread::Builder::new().name("kiln-warm".into()).spawn(move || {
-        // The kernel reads at most its readahead window per call.
-        let mut at = 0;
-        while at < len {
-            let n = WARM_STEP.min(len - at);
-            if nix::fcntl::posix_fadvise(&f, at as i64, n as i64, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED).is_err() {
-                break;
-            }
-            at += n;
-        }
-        metrics::counter!(crate::metrics::CAS_READ_BACK_BYTES).increment(at);
+        let asked = read_ahead(&f, 0, len);
+        metrics::counter!(crate::metrics::CAS_READ_BACK_BYTES).increment(asked);
         WARMING.fetch_sub(1, Ordering::AcqRel);
     });
     if spawned.is_err() {

@@ -93,13 +93,6 @@ impl Active {
     fn new(id: u32) -> Self {
         Self { id, file: None, direct: None, len: 0, buf: Vec::new() }
     }
-
-    /// After a write that may have landed in part: later records go after whatever did.
-    fn after_failed_write(&mut self, file: &File) {
-        if let Ok(md) = file.metadata() {
-            self.len = self.len.max(md.len());
-        }
-    }
 }
 
 /// What an append wrote: one location per blob, and the pack's file for syncing.
@@ -254,22 +247,16 @@ impl Packs {
                     self.direct_ok.store(false, Ordering::Relaxed);
                     a.direct = None;
                 }
-                Err(e) => {
-                    a.after_failed_write(&file);
-                    self.usage.lock().entry(a.id).or_default().len = a.len;
-                    return Err(KilnError::io(format!("appending to pack {}", self.path(a.id).display()), e));
-                }
+                Err(e) => return Err(self.failed_append(&mut a, &file, e)),
             }
         }
         if !direct {
-            if buf.len() as u64 != total {
+            if want_direct {
                 buf = vec![0u8; total as usize];
                 encode(blobs, &mut buf);
             }
             if let Err(e) = file.write_all_at(&buf, start) {
-                a.after_failed_write(&file);
-                self.usage.lock().entry(a.id).or_default().len = a.len;
-                return Err(KilnError::io(format!("appending to pack {}", self.path(a.id).display()), e));
+                return Err(self.failed_append(&mut a, &file, e));
             }
             a.len += total;
         }
@@ -286,6 +273,15 @@ impl Packs {
         }
         let locs = rel.into_iter().map(|r| Loc { pack: id, offset: start + r }).collect();
         Ok(Appended { locs, file, new_pack })
+    }
+
+    /// After an append that may have landed in part: later records go after whatever did.
+    fn failed_append(&self, a: &mut Active, file: &File, e: std::io::Error) -> KilnError {
+        if let Ok(md) = file.metadata() {
+            a.len = a.len.max(md.len());
+        }
+        self.usage.lock().entry(a.id).or_default().len = a.len;
+        KilnError::io(format!("appending to pack {}", self.path(a.id).display()), e)
     }
 
     /// Writes `blobs` (`total` bytes of records) with one direct write at the first block

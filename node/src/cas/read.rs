@@ -98,10 +98,10 @@ fn pump_mapped(f: &File, size: u64, d: &BlobDigest, offset: u64, limit: u64, tx:
     while pos < end {
         // Large blobs are written past the page cache (`super::direct`): the first read of one
         // comes from the disk, which then reads ahead of the chunk being sent.
-        while advised < end && advised < pos + READ_AHEAD_BYTES {
-            let len = (READ_CHUNK_BYTES as u64).min(end - advised);
-            let _ = nix::fcntl::posix_fadvise(f, advised as i64, len as i64, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED);
-            advised += len;
+        let ahead = end.min(pos + READ_AHEAD_BYTES);
+        if advised < ahead {
+            super::direct::read_ahead(f, advised, ahead);
+            advised = ahead;
         }
         let n = (READ_CHUNK_BYTES as u64).min(end - pos) as usize;
         // SAFETY: a blob file is complete before it can be opened for reading (written under a
